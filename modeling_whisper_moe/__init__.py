@@ -1,0 +1,39 @@
+"""WhisperMoE: Mixture-of-Experts Whisper, upcycled from any dense Whisper checkpoint.
+
+Importing the package registers the classes with transformers' Auto classes, so `AutoModelForSpeechSeq2Seq`,
+`AutoModel`, `AutoConfig` and `AutoProcessor` resolve `model_type="whisper_moe"` without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq, AutoProcessor
+
+from .audio import load_audio
+from .configuration_whisper_moe import WhisperMoEConfig
+from .modeling_whisper_moe import (
+    WhisperMoEForConditionalGeneration,
+    WhisperMoEModel,
+    WhisperMoEPreTrainedModel,
+    load_balancing_loss,
+    router_z_loss,
+)
+from .pipeline_whisper_moe import WhisperMoEASRPipeline
+from .processing_whisper_moe import WhisperMoEProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(WhisperMoEConfig.model_type, WhisperMoEConfig, exist_ok=True)
+AutoModel.register(WhisperMoEConfig, WhisperMoEModel, exist_ok=True)
+AutoModelForSpeechSeq2Seq.register(WhisperMoEConfig, WhisperMoEForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(WhisperMoEConfig, WhisperMoEProcessor, exist_ok=True)
+WhisperMoEProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "WhisperMoEASRPipeline",
+    "WhisperMoEConfig",
+    "WhisperMoEForConditionalGeneration",
+    "WhisperMoEModel",
+    "WhisperMoEPreTrainedModel",
+    "WhisperMoEProcessor",
+    "load_audio",
+    "load_balancing_loss",
+    "router_z_loss",
+]

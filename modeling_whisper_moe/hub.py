@@ -1,0 +1,75 @@
+"""What a Hub folder of WhisperMoE holds beyond weights: the code, the auto_map, the custom pipelines, a model card.
+
+Folders are written to a temporary sibling first and moved into place file by file, so an interrupted save never
+leaves a half-written weight file behind.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers.dynamic_module_utils import get_relative_import_files
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# Every Auto class a user may load the folder with, and the module.Class that answers it.
+AUTO_MAP = {
+    "AutoConfig": "configuration_whisper_moe.WhisperMoEConfig",
+    "AutoModel": "modeling_whisper_moe.WhisperMoEModel",
+    "AutoModelForSpeechSeq2Seq": "modeling_whisper_moe.WhisperMoEForConditionalGeneration",
+    "AutoProcessor": "processing_whisper_moe.WhisperMoEProcessor",
+}
+
+# transformers 5.x routes any model_type but "whisper" to CTC decoding; this pipeline decodes the Whisper way.
+CUSTOM_PIPELINES = {
+    "automatic-speech-recognition": {
+        "impl": "pipeline_whisper_moe.WhisperMoEASRPipeline",
+        "pt": ["AutoModelForSpeechSeq2Seq"],
+        "tf": [],
+        "type": "audio",
+    },
+}
+
+# Entry modules of the Hub code; their relative imports come along.
+HUB_MODULES = ("modeling_whisper_moe.py", "processing_whisper_moe.py", "pipeline_whisper_moe.py")
+
+
+def copy_hub_code(folder: str | os.PathLike) -> list[Path]:
+    """Copy the remote-code files (entry modules and everything they import relatively) into `folder`."""
+    sources = {PACKAGE_DIR / name for name in HUB_MODULES}
+    for entry in list(sources):
+        sources.update(Path(p) for p in get_relative_import_files(str(entry)))
+    copied = []
+    for source in sorted(sources):
+        destination = Path(folder) / source.name
+        shutil.copyfile(source, destination)
+        copied.append(destination)
+    return copied
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to `target`; on success move its files into `target`.
+
+    A new `target` appears in one rename. An existing one keeps its other files and gets each new file by an atomic
+    per-file replace. On error the temporary directory is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        if not target.exists():
+            staging.rename(target)
+            return
+        for path in sorted(staging.rglob("*")):
+            destination = target / path.relative_to(staging)
+            if path.is_dir():
+                destination.mkdir(exist_ok=True)
+            else:
+                os.replace(path, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

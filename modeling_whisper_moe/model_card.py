@@ -1,0 +1,85 @@
+"""The README.md (Hub model card) written next to a saved WhisperMoE."""
+
+from pathlib import Path
+
+import torch
+
+from .configuration_whisper_moe import WhisperMoEConfig
+
+ENGLISH_ONLY_VOCAB_SIZE = 51864  # the *.en Whisper checkpoints; multilingual ones have 51865 or more
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, active per token): active counts only `num_experts_per_tok` of each sparse layer's routed experts."""
+    total, inactive = 0, 0
+    config = model.config
+    for name, parameter in model.named_parameters():
+        total += parameter.numel()
+        if ".mlp.experts." in name:
+            inactive += parameter.numel() * (config.num_experts - config.num_experts_per_tok) // config.num_experts
+    return total, total - inactive
+
+
+def _sparse_layers(config: WhisperMoEConfig, side: str) -> str:
+    layers = getattr(config, f"{side}_sparse_layers")
+    return "all" if layers is None else (", ".join(map(str, layers)) or "none")
+
+
+def model_card(model: torch.nn.Module) -> str:
+    """Markdown with YAML metadata describing `model` (a WhisperMoEForConditionalGeneration)."""
+    config: WhisperMoEConfig = model.config
+    total, active = count_parameters(model)
+    source = config.upcycled_from
+    metadata = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: automatic-speech-recognition",
+        "license: mit",
+        "tags: [whisper, whisper-moe, mixture-of-experts, moe, upcycling, custom_code]",
+    ]
+    if config.vocab_size == ENGLISH_ONLY_VOCAB_SIZE:
+        metadata.append("language: en")
+    if source and not Path(source).exists():
+        metadata.append(f"base_model: {source}")
+    metadata.append("---")
+    how_made = (
+        f"Upcycled from the dense Whisper checkpoint `{source}`: every expert started as a copy of its feed-forward "
+        "block, so before any training this model transcribes exactly like its source."
+        if source
+        else "Built from a WhisperMoE configuration."
+    )
+    body = f"""
+# WhisperMoE
+
+Whisper with sparse Mixture-of-Experts feed-forward blocks: in each sparse layer a router sends every token to
+{config.num_experts_per_tok} of {config.num_experts} experts{_shared_note(config)}.
+
+| | |
+|---|---|
+| parameters | {total / 1e6:.1f} M in total, {active / 1e6:.1f} M active per token |
+| encoder sparse layers | {_sparse_layers(config, "encoder")} of {config.encoder_layers} |
+| decoder sparse layers | {_sparse_layers(config, "decoder")} of {config.decoder_layers} |
+| d_model / expert width | {config.d_model} / {config.encoder_ffn_dim} |
+
+{how_made}
+
+## Use
+
+```python
+from transformers import pipeline
+
+asr = pipeline("automatic-speech-recognition", model="<this repo>", trust_remote_code=True)
+print(asr("audio.flac", return_timestamps=True))
+```
+
+or `AutoModelForSpeechSeq2Seq.from_pretrained("<this repo>", trust_remote_code=True)` with
+`AutoProcessor.from_pretrained("<this repo>", trust_remote_code=True)`. The code ships in this repository
+(made with [whisper-moe](https://pypi.org/project/whisper-moe/)).
+"""
+    return "\n".join(metadata) + "\n" + body
+
+
+def _shared_note(config: WhisperMoEConfig) -> str:
+    if config.num_shared_experts == 0:
+        return ""
+    return f", and {config.num_shared_experts} shared expert(s) see every token"

@@ -1,0 +1,596 @@
+"""WhisperMoE: Whisper's encoder-decoder whose feed-forward blocks are sparse Mixtures of Experts.
+
+Read top to bottom: router losses, router, experts, sparse block, layers, encoder, decoder, model, generation head.
+Everything not about experts (attention, embeddings, generation) is Whisper's own, inherited from transformers.
+"""
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import WhisperForConditionalGeneration, WhisperModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
+from transformers.models.whisper.modeling_whisper import (
+    WhisperDecoder,
+    WhisperDecoderLayer,
+    WhisperEncoder,
+    WhisperEncoderLayer,
+    WhisperPositionalEmbedding,
+    WhisperPreTrainedModel,
+    shift_tokens_right,
+)
+from transformers.utils.output_capturing import OutputRecorder
+
+from .configuration_whisper_moe import WhisperMoEConfig
+from .hub import AUTO_MAP, CUSTOM_PIPELINES, atomic_directory, copy_hub_code
+from .model_card import model_card
+from .upcycling import moe_config_from_dense, upcycle_state_dict
+
+IGNORE_INDEX = -100  # label value the cross-entropy skips (padding)
+ENCODER_DOWNSAMPLING = 2  # conv2's stride: one encoder position per two mel frames
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Router losses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _token_weights(num_layers: int, num_tokens: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """Per-token weights (1 real, 0 padding) matching `torch.cat(router_logits)`, shape (num_layers * num_tokens,)."""
+    if attention_mask is None:
+        return torch.ones(num_layers * num_tokens, device=device)
+    mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    if mask.numel() != num_tokens:
+        raise ValueError(f"attention_mask covers {mask.numel()} tokens, but the router saw {num_tokens} per layer.")
+    return mask.repeat(num_layers)
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch Transformer load-balancing loss over all sparse layers, padding excluded.
+
+    `router_logits` holds one (batch * seq_len, num_experts) tensor per layer; `attention_mask` is (batch, seq_len)
+    with 1 for real tokens. The loss is num_experts * sum_e f_e * P_e / top_k, where f_e is the fraction of routing
+    slots given to expert e and P_e its mean router probability: 1.0 when tokens spread evenly, up to num_experts
+    when one expert takes everything.
+    """
+    logits = torch.cat(router_logits, dim=0).float()  # (layers * tokens, E)
+    weights = _token_weights(len(router_logits), router_logits[0].shape[0], attention_mask, logits.device)
+    probs = logits.softmax(dim=-1)
+    _, selected = probs.topk(top_k, dim=-1)  # (layers * tokens, k)
+    routed = F.one_hot(selected, num_experts).sum(dim=1).float()  # (layers * tokens, E)
+    total = weights.sum().clamp(min=1.0)
+    slots_per_expert = (routed * weights[:, None]).sum(dim=0) / (total * top_k)  # (E,)
+    prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total  # (E,)
+    return num_experts * (slots_per_expert * prob_per_expert).sum()
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: the mean squared log-partition of the router logits, padding excluded."""
+    logits = torch.cat(router_logits, dim=0).float()
+    weights = _token_weights(len(router_logits), router_logits[0].shape[0], attention_mask, logits.device)
+    z = torch.logsumexp(logits, dim=-1) ** 2  # (layers * tokens,)
+    return (z * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mixture-of-Experts blocks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class WhisperMoERouter(nn.Module):
+    """Scores experts per token and keeps the top k. Returns (router_logits, top_k_weights, top_k_index)."""
+
+    def __init__(self, config: WhisperMoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.jitter_noise = config.router_jitter_noise
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states: (tokens, d_model) -> logits (tokens, E), weights (tokens, k), expert indices (tokens, k)."""
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        router_logits = F.linear(hidden_states, self.weight)
+        # softmax in fp32: in bf16 near-tied experts would otherwise swap places at random
+        probs = router_logits.softmax(dim=-1, dtype=torch.float32)
+        top_k_weights, top_k_index = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+
+class WhisperMoEExperts(nn.Module):
+    """`num_experts` copies of Whisper's feed-forward block (fc1 -> activation -> fc2), stored as stacked tensors.
+
+    Tokens are grouped by expert (one sort), each expert runs one matmul over its contiguous slice, and the weighted
+    results are scattered back: no per-token Python work and no dense (tokens, experts) compute.
+    """
+
+    def __init__(self, config: WhisperMoEConfig, ffn_dim: int):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.fc1_weight = nn.Parameter(torch.empty(config.num_experts, ffn_dim, config.d_model))
+        self.fc1_bias = nn.Parameter(torch.empty(config.num_experts, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(config.num_experts, config.d_model, ffn_dim))
+        self.fc2_bias = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+
+    def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens: (n, d_model) -> (n, d_model)."""
+        hidden_states = self.activation_fn(
+            F.linear(hidden_states, self.fc1_weight[expert_idx], self.fc1_bias[expert_idx])
+        )
+        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        return F.linear(hidden_states, self.fc2_weight[expert_idx], self.fc2_bias[expert_idx])
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states (tokens, d_model), top_k_index / top_k_weights (tokens, k) -> (tokens, d_model)."""
+        top_k = top_k_index.shape[-1]
+        flat_experts = top_k_index.reshape(-1)  # (tokens * k,)
+        order = flat_experts.argsort(stable=True)
+        token_of_slot = order // top_k
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        grouped = hidden_states[token_of_slot].split(counts)
+        outputs = [self.expert_forward(idx, tokens) for idx, tokens in enumerate(grouped) if tokens.shape[0] > 0]
+        expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, expert_out.to(hidden_states.dtype))
+
+
+class WhisperMoEMLP(nn.Module):
+    """Whisper's dense feed-forward block; used by dense layers and as the fused shared experts."""
+
+    def __init__(self, config: WhisperMoEConfig, ffn_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, config.d_model)
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        return self.fc2(hidden_states)
+
+
+class WhisperMoESparseBlock(nn.Module):
+    """Router -> top-k experts -> weighted sum, plus the shared experts when the config has them."""
+
+    def __init__(self, config: WhisperMoEConfig, ffn_dim: int):
+        super().__init__()
+        self.router = WhisperMoERouter(config)
+        self.experts = WhisperMoEExperts(config, ffn_dim)
+        self.shared_experts = (
+            WhisperMoEMLP(config, ffn_dim * config.num_shared_experts) if config.num_shared_experts > 0 else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, seq_len, d_model) -> (batch, seq_len, d_model)."""
+        batch_size, seq_len, d_model = hidden_states.shape
+        tokens = hidden_states.reshape(-1, d_model)
+        _, top_k_weights, top_k_index = self.router(tokens)
+        output = self.experts(tokens, top_k_index, top_k_weights)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(tokens)
+        return output.reshape(batch_size, seq_len, d_model)
+
+
+def _feed_forward_block(config: WhisperMoEConfig, side: str, layer_idx: int, ffn_dim: int) -> nn.Module:
+    if config.is_sparse_layer(side, layer_idx):
+        return WhisperMoESparseBlock(config, ffn_dim)
+    return WhisperMoEMLP(config, ffn_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers: Whisper's, with `self.mlp` (dense or sparse) in place of fc1/fc2
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _FeedForwardResidual:
+    """The pre-norm residual feed-forward sub-block both layer kinds end with."""
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.mlp(self.final_layer_norm(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+        return residual + hidden_states
+
+
+class WhisperMoEEncoderLayer(_FeedForwardResidual, WhisperEncoderLayer):
+    def __init__(self, config: WhisperMoEConfig, layer_idx: int):
+        super().__init__(config)
+        del self.fc1, self.fc2
+        self.mlp = _feed_forward_block(config, "encoder", layer_idx, config.encoder_ffn_dim)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """(batch, 1500, d_model) -> (batch, 1500, d_model)."""
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, **kwargs
+        )
+        hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.feed_forward(hidden_states)
+        if hidden_states.dtype == torch.float16:
+            clamp_value = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = hidden_states.clamp(min=-clamp_value, max=clamp_value)
+        return hidden_states
+
+
+class WhisperMoEDecoderLayer(_FeedForwardResidual, WhisperDecoderLayer):
+    def __init__(self, config: WhisperMoEConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        del self.fc1, self.fc2
+        self.mlp = _feed_forward_block(config, "decoder", layer_idx, config.decoder_ffn_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache=None,
+        use_cache: bool | None = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        """(batch, tgt_len, d_model) -> (batch, tgt_len, d_model), attending to (batch, 1500, d_model)."""
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs
+        )
+        hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        if encoder_hidden_states is not None:
+            residual = hidden_states
+            hidden_states, _ = self.encoder_attn(
+                self.encoder_attn_layer_norm(hidden_states),
+                key_value_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                cache=cache,
+                **kwargs,
+            )
+            hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        return self.feed_forward(hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained base, encoder, decoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
+    config_class = WhisperMoEConfig
+    config: WhisperMoEConfig
+    _no_split_modules = ["WhisperMoEEncoderLayer", "WhisperMoEDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.init_std
+        if isinstance(module, WhisperMoERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, WhisperMoEExperts):
+            init.normal_(module.fc1_weight, mean=0.0, std=std)
+            init.normal_(module.fc2_weight, mean=0.0, std=std)
+            init.zeros_(module.fc1_bias)
+            init.zeros_(module.fc2_bias)
+
+
+def _router_recorder() -> dict:
+    return {"router_logits": OutputRecorder(WhisperMoERouter, index=0)}
+
+
+class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
+    _can_record_outputs = {**WhisperEncoder._can_record_outputs, **_router_recorder()}
+
+    def __init__(self, config: WhisperMoEConfig):
+        WhisperMoEPreTrainedModel.__init__(self, config)
+        self.dropout = config.dropout
+        self.layerdrop = config.encoder_layerdrop
+        embed_dim = config.d_model
+        self.num_mel_bins = config.num_mel_bins
+        self.padding_idx = config.pad_token_id
+        self.max_source_positions = config.max_source_positions
+        self.embed_scale = embed_dim**0.5 if config.scale_embedding else 1.0
+        self.conv1 = nn.Conv1d(self.num_mel_bins, embed_dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(embed_dim, embed_dim, kernel_size=3, stride=ENCODER_DOWNSAMPLING, padding=1)
+        self.embed_positions = nn.Embedding(self.max_source_positions, embed_dim)
+        self.embed_positions.requires_grad_(False)
+        self.layers = nn.ModuleList([WhisperMoEEncoderLayer(config, i) for i in range(config.encoder_layers)])
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class WhisperMoEDecoder(WhisperMoEPreTrainedModel, WhisperDecoder):
+    _can_record_outputs = {**WhisperDecoder._can_record_outputs, **_router_recorder()}
+    main_input_name = "input_ids"
+
+    def __init__(self, config: WhisperMoEConfig):
+        WhisperMoEPreTrainedModel.__init__(self, config)
+        self.dropout = config.dropout
+        self.layerdrop = config.decoder_layerdrop
+        self.padding_idx = config.pad_token_id
+        self.max_target_positions = config.max_target_positions
+        self.max_source_positions = config.max_source_positions
+        self.embed_scale = config.d_model**0.5 if config.scale_embedding else 1.0
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, self.padding_idx)
+        self.embed_positions = WhisperPositionalEmbedding(self.max_target_positions, config.d_model)
+        self.layers = nn.ModuleList([WhisperMoEDecoderLayer(config, i) for i in range(config.decoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoder-decoder and generation head
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WhisperMoEModelOutput(Seq2SeqModelOutput):
+    """Whisper's encoder-decoder output plus each sparse layer's router logits, (batch * seq_len, num_experts)."""
+
+    encoder_router_logits: tuple[torch.Tensor, ...] | None = None
+    decoder_router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class WhisperMoEOutput(Seq2SeqLMOutput):
+    """Whisper's LM output plus the router losses.
+
+    `aux_loss` is what the router losses add to `loss`: router_aux_loss_coef * (encoder_aux_loss + decoder_aux_loss)
+    + router_z_loss_coef * (encoder_z_loss + decoder_z_loss). The four parts are kept unweighted so training can log
+    each.
+    """
+
+    aux_loss: torch.Tensor | None = None
+    encoder_aux_loss: torch.Tensor | None = None
+    decoder_aux_loss: torch.Tensor | None = None
+    encoder_z_loss: torch.Tensor | None = None
+    decoder_z_loss: torch.Tensor | None = None
+    encoder_router_logits: tuple[torch.Tensor, ...] | None = None
+    decoder_router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
+    def __init__(self, config: WhisperMoEConfig):
+        WhisperMoEPreTrainedModel.__init__(self, config)
+        self.encoder = WhisperMoEEncoder(config)
+        self.decoder = WhisperMoEDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        encoder_outputs: tuple | BaseModelOutput | None = None,
+        cache=None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        decoder_position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> WhisperMoEModelOutput:
+        """Whisper's forward; with `output_router_logits` it also returns each sparse layer's router logits.
+
+        input_features: (batch, num_mel_bins, 3000) log-mel; decoder_input_ids: (batch, tgt_len).
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if encoder_outputs is None:
+            input_features = self._mask_input_features(input_features, attention_mask=attention_mask)
+            encoder_outputs = self.encoder(input_features, output_router_logits=output_router_logits, **kwargs)
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_outputs[0],
+            cache=cache,
+            inputs_embeds=decoder_inputs_embeds,
+            position_ids=decoder_position_ids,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        return WhisperMoEModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            encoder_router_logits=encoder_outputs.get("router_logits"),
+            decoder_router_logits=decoder_outputs.get("router_logits"),
+        )
+
+
+class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForConditionalGeneration):
+    """WhisperMoE with Whisper's language-model head and all of Whisper's generation (languages, tasks, timestamps,
+    prompts, long-form). Make one from a dense checkpoint with [`from_dense`](upcycling.py)."""
+
+    def __init__(self, config: WhisperMoEConfig):
+        WhisperMoEPreTrainedModel.__init__(self, config)
+        self.model = WhisperMoEModel(config)
+        self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.max_target_positions = config.max_target_positions
+        self.post_init()
+
+    @classmethod
+    def from_dense(
+        cls, dense: "WhisperForConditionalGeneration | str | os.PathLike", seed: int = 0, **moe_options
+    ) -> "WhisperMoEForConditionalGeneration":
+        """Upcycle a dense Whisper (a `WhisperForConditionalGeneration` or a folder / Hub id holding one).
+
+        `moe_options` are WhisperMoEConfig fields (num_experts, num_experts_per_tok, encoder_sparse_layers, ...).
+        Every expert is a copy of the dense feed-forward block and routers are drawn with `seed`, so the result's
+        logits equal the source's. The source's generation config (languages, tasks, suppressed tokens, alignment
+        heads) comes along.
+        """
+        if not isinstance(dense, WhisperForConditionalGeneration):
+            dense = WhisperForConditionalGeneration.from_pretrained(dense)
+        source = str(dense.config._name_or_path or "") or None
+        config = moe_config_from_dense(dense.config, upcycled_from=source, **moe_options)
+        if not config.norm_topk_prob and config.num_experts_per_tok > 1:
+            raise ValueError(
+                "from_dense needs norm_topk_prob=True: without renormalised top-k weights the upcycled experts "
+                "would not sum to the dense block."
+            )
+        state = upcycle_state_dict(dense.state_dict(), config, seed=seed)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()
+        model.generation_config = copy.deepcopy(dense.generation_config)
+        return model.to(dense.dtype).train(dense.training)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Write a self-contained Hub folder: weights, config with `auto_map` and `custom_pipelines`, the code, and a
+        model card (kept if the folder already has a README.md). Files land atomically."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            copy_hub_code(staging)
+            if not (Path(save_directory) / "README.md").exists():
+                (staging / "README.md").write_text(model_card(self), encoding="utf-8")
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        encoder_outputs: tuple | BaseModelOutput | None = None,
+        cache=None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        decoder_position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> WhisperMoEOutput:
+        """Whisper's forward plus router losses.
+
+        labels: (batch, tgt_len) token ids with -100 on padding. With labels, `loss` is the token cross-entropy plus
+        `aux_loss`. Under gradient accumulation the Trainer passes `num_items_in_batch`, the real label count of the
+        whole accumulated batch, and the cross-entropy is summed and divided by it, so the update does not depend
+        on how the batch was split. `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of
+        the encoder's router losses.
+        """
+        if labels is not None:
+            if labels.shape[1] > self.max_target_positions:
+                raise ValueError(
+                    f"labels have {labels.shape[1]} tokens, "
+                    f"more than max_target_positions={self.max_target_positions}."
+                )
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = shift_tokens_right(
+                    labels, self.config.pad_token_id, self.config.decoder_start_token_id
+                )
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits or labels is not None
+        outputs = self.model(
+            input_features,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            encoder_outputs=encoder_outputs,
+            decoder_attention_mask=decoder_attention_mask,
+            cache=cache,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            decoder_position_ids=decoder_position_ids,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        logits = self.proj_out(outputs.last_hidden_state)
+        router_losses = self._router_losses(outputs, attention_mask, decoder_attention_mask, labels)
+        loss = None
+        if labels is not None:
+            loss = self._cross_entropy(logits, labels, num_items_in_batch)
+            if router_losses["aux_loss"] is not None:
+                loss = loss + router_losses["aux_loss"].to(loss.device)
+        return WhisperMoEOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            encoder_router_logits=outputs.encoder_router_logits,
+            decoder_router_logits=outputs.decoder_router_logits,
+            **router_losses,
+        )
+
+    def _cross_entropy(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+    ) -> torch.Tensor:
+        labels = labels.to(logits.device)
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+        if num_items_in_batch is None:
+            return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+        summed = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(summed.device)
+        return summed / num_items_in_batch
+
+    def _router_losses(
+        self,
+        outputs: WhisperMoEModelOutput,
+        attention_mask: torch.Tensor | None,
+        decoder_attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Load-balancing and z-losses of encoder and decoder, padding masked, and their weighted sum."""
+        config = self.config
+        encoder_mask = attention_mask[:, ::ENCODER_DOWNSAMPLING] if attention_mask is not None else None
+        if decoder_attention_mask is None and labels is not None:
+            decoder_attention_mask = labels != IGNORE_INDEX
+        losses = {"aux_loss": None}
+        for side, logits, mask in (
+            ("encoder", outputs.encoder_router_logits, encoder_mask),
+            ("decoder", outputs.decoder_router_logits, decoder_attention_mask),
+        ):
+            if not logits:
+                losses[f"{side}_aux_loss"] = losses[f"{side}_z_loss"] = None
+                continue
+            balance = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, mask)
+            z_loss = router_z_loss(logits, mask)
+            weighted = config.router_aux_loss_coef * balance + config.router_z_loss_coef * z_loss
+            losses[f"{side}_aux_loss"], losses[f"{side}_z_loss"] = balance, z_loss
+            losses["aux_loss"] = (
+                weighted if losses["aux_loss"] is None else losses["aux_loss"] + weighted.to(losses["aux_loss"].device)
+            )
+        return losses
+
+
+__all__ = [
+    "WhisperMoEPreTrainedModel",
+    "WhisperMoEModel",
+    "WhisperMoEForConditionalGeneration",
+    "load_balancing_loss",
+    "router_z_loss",
+]
