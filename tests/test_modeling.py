@@ -1,0 +1,172 @@
+"""Unit tests of WhisperMoE on tiny random configurations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, TINY_FRAMES, tiny_dense_config, tiny_moe, tiny_moe_config
+from transformers import WhisperForConditionalGeneration
+
+from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, load_balancing_loss
+from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
+
+
+def _inputs(batch: int = 2, tgt_len: int = 5, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, TINY["num_mel_bins"], TINY_FRAMES, generator=generator)
+    labels = torch.randint(4, TINY["vocab_size"], (batch, tgt_len), generator=generator)
+    return features, labels
+
+
+def test_forward_shapes_and_router_outputs():
+    model = tiny_moe(decoder_sparse_layers=[1])
+    features, labels = _inputs()
+    out = model(features, labels=labels)
+    assert out.logits.shape == (2, 5, TINY["vocab_size"])
+    assert len(out.encoder_router_logits) == TINY["encoder_layers"]
+    assert len(out.decoder_router_logits) == 1
+    assert out.encoder_router_logits[0].shape == (2 * TINY["max_source_positions"], 4)
+    assert out.decoder_router_logits[0].shape == (2 * 5, 4)
+    expected_aux = model.config.router_aux_loss_coef * (
+        out.encoder_aux_loss + out.decoder_aux_loss
+    ) + model.config.router_z_loss_coef * (out.encoder_z_loss + out.decoder_z_loss)
+    torch.testing.assert_close(out.aux_loss, expected_aux)
+    ce = F.cross_entropy(out.logits.reshape(-1, TINY["vocab_size"]), labels.reshape(-1))
+    torch.testing.assert_close(out.loss, ce + out.aux_loss)
+
+
+def test_no_router_outputs_without_labels_by_default():
+    out = tiny_moe()(*_inputs()[:1], decoder_input_ids=torch.tensor([[3, 5]]).repeat(2, 1))
+    assert out.aux_loss is None and out.encoder_router_logits is None
+
+
+def test_sparse_block_matches_naive_top_k_mixture():
+    config = tiny_moe_config(num_experts=5, num_experts_per_tok=3, num_shared_experts=1)
+    torch.manual_seed(1)
+    block = WhisperMoESparseBlock(config, ffn_dim=24)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    hidden = torch.randn(3, 7, 16)
+    tokens = hidden.reshape(-1, 16)
+    probs = F.linear(tokens, block.router.weight).softmax(-1)
+    weights, index = probs.topk(3, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    experts = block.experts
+    expected = block.shared_experts(tokens)
+    for t in range(tokens.shape[0]):
+        for slot in range(3):
+            e = index[t, slot]
+            h = F.gelu(F.linear(tokens[t], experts.fc1_weight[e], experts.fc1_bias[e]))
+            expected[t] += weights[t, slot] * F.linear(h, experts.fc2_weight[e], experts.fc2_bias[e])
+    torch.testing.assert_close(block(hidden), expected.reshape(3, 7, 16), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_routers_and_experts():
+    model = tiny_moe().train()
+    features, labels = _inputs()
+    model(features, labels=labels).loss.backward()
+    block = model.model.decoder.layers[0].mlp
+    assert block.router.weight.grad.abs().sum() > 0
+    assert block.experts.fc1_weight.grad.abs().sum() > 0
+
+
+def test_save_and_load_round_trip_has_no_missing_keys(tmp_path):
+    model = tiny_moe(num_shared_experts=1, encoder_sparse_layers=[0])
+    model.save_pretrained(tmp_path)
+    loaded, info = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert loaded.config.num_shared_experts == 1 and loaded.config.encoder_sparse_layers == [0]
+    features, labels = _inputs()
+    torch.testing.assert_close(loaded.eval()(features, labels=labels).logits, model(features, labels=labels).logits)
+
+
+def test_cache_equals_no_cache():
+    model = tiny_moe()
+    features, _ = _inputs(batch=1)
+    kwargs = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    with_cache = model.generate(features, use_cache=True, **kwargs)
+    without_cache = model.generate(features, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without_cache)
+    assert with_cache.shape[1] >= 8
+
+
+def test_padding_does_not_change_router_losses():
+    model = tiny_moe()
+    features, labels = _inputs(batch=1, tgt_len=4)
+    padded = torch.cat([labels, torch.full((1, 3), -100)], dim=1)
+    frames = torch.ones(1, TINY_FRAMES, dtype=torch.long)
+    plain = model(features, labels=labels, attention_mask=frames)
+    with_padding = model(features, labels=padded, attention_mask=frames)
+    torch.testing.assert_close(with_padding.decoder_aux_loss, plain.decoder_aux_loss)
+    torch.testing.assert_close(with_padding.decoder_z_loss, plain.decoder_z_loss)
+
+    # masked mel frames (the second half) leave the encoder losses to the frames that are real
+    half = torch.cat([torch.ones(1, TINY_FRAMES // 2), torch.zeros(1, TINY_FRAMES // 2)], dim=1).long()
+    masked = model(features, labels=labels, attention_mask=half)
+    real_positions = TINY["max_source_positions"] // 2
+    expected = load_balancing_loss(tuple(logits[:real_positions] for logits in masked.encoder_router_logits), 4, 2)
+    torch.testing.assert_close(masked.encoder_aux_loss, expected)
+
+
+def test_load_balancing_loss_is_one_when_balanced_and_larger_when_collapsed():
+    balanced = (torch.zeros(64, 4),)
+    collapsed = (torch.tensor([[10.0, 9.0, 0.0, 0.0]]).repeat(64, 1),)
+    assert load_balancing_loss(balanced, num_experts=4, top_k=2).item() == pytest.approx(1.0)
+    assert load_balancing_loss(collapsed, num_experts=4, top_k=2).item() > 1.9
+
+
+def test_loss_is_independent_of_gradient_accumulation_split():
+    model = tiny_moe(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    features, labels = _inputs(batch=4, tgt_len=6)
+    labels[0, 2:] = -100  # uneven label counts make a mean of per-batch means wrong
+    labels[3, 5:] = -100
+    full = model(features, labels=labels).loss
+    num_items = (labels != -100).sum()
+    halves = sum(
+        model(features[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=num_items).loss for i in (0, 2)
+    )
+    torch.testing.assert_close(halves, full)
+
+
+def test_upcycled_tiny_model_equals_dense_source():
+    torch.manual_seed(0)
+    dense = WhisperForConditionalGeneration(tiny_dense_config()).eval()
+    features, labels = _inputs()
+    expected = dense(features, labels=labels).logits
+    for options in ({}, {"num_shared_experts": 2}, {"encoder_sparse_layers": [1], "decoder_sparse_layers": []}):
+        moe = WhisperMoEForConditionalGeneration.from_dense(dense, num_experts=4, **options)
+        torch.testing.assert_close(moe(features, labels=labels).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
+        ({"num_experts": 0}, "num_experts"),
+        ({"router_aux_loss_coef": -0.1}, "router_aux_loss_coef"),
+        ({"router_z_loss_coef": -1.0}, "router_z_loss_coef"),
+        ({"router_jitter_noise": 1.5}, "router_jitter_noise"),
+        ({"num_shared_experts": -1}, "num_shared_experts"),
+        ({"encoder_sparse_layers": [0, 7]}, r"encoder_sparse_layers names layers \[7\]"),
+        ({"decoder_sparse_layers": [-1]}, "decoder_sparse_layers"),
+    ],
+)
+def test_impossible_configs_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_moe_config(**overrides)
+
+
+def test_upcycling_rejects_unknown_options_and_unnormalised_top_k():
+    dense = WhisperForConditionalGeneration(tiny_dense_config())
+    with pytest.raises(ValueError, match="num_expert"):
+        WhisperMoEForConditionalGeneration.from_dense(dense, num_expert=4)
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        WhisperMoEForConditionalGeneration.from_dense(dense, norm_topk_prob=False)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = tiny_moe_config(num_experts=6, decoder_sparse_layers=[0], router_jitter_noise=0.1)
+    config.save_pretrained(tmp_path)
+    loaded = WhisperMoEConfig.from_pretrained(tmp_path)
+    assert (loaded.num_experts, loaded.decoder_sparse_layers, loaded.router_jitter_noise) == (6, [0], 0.1)
+    assert loaded.model_type == "whisper_moe"
