@@ -1,0 +1,122 @@
+"""The saved folder is a self-contained Hub repo: it loads and transcribes in a fresh interpreter that cannot import
+this package, through `pipeline(..., trust_remote_code=True)` and the Auto classes."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import JFK_TEXT, REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+# Runs in a fresh interpreter. The package is made unimportable (it is installed in editable mode) so that only the
+# code inside the folder can answer.
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "modeling_whisper_moe":
+                raise ImportError(f"{name} must not be importable in this test")
+
+    sys.meta_path.insert(0, BlockPackage())
+    sys.path = [p for p in sys.path if p not in ("", __REPO__)]
+    from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor, pipeline
+
+    folder, data = sys.argv[1], sys.argv[2]
+    asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+    jfk = data + "/misc/jfk.flac"
+    result = {
+        "pipeline": type(asr).__name__,
+        "model_module": type(asr.model).__module__,
+        "text": asr(jfk)["text"],
+        "m4a": asr(data + "/misc/jfk.m4a")["text"],
+        "chunks": asr(jfk, return_timestamps=True)["chunks"],
+        "batch": [r["text"] for r in asr([jfk, data + "/librispeech/test-clean/1089-134686-0002.wav"], batch_size=2)],
+        "long": asr(data + "/librispeech/longform/367-130732_concat.flac", chunk_length_s=30, batch_size=2,
+                    ignore_warning=True)["text"],
+    }
+    errors = {}
+    for name, bad in (("missing", data + "/misc/no-such-file.wav"), ("corrupt", b"RIFF0000WAVEnot audio at all")):
+        try:
+            asr(bad)
+        except Exception as error:
+            errors[name] = [type(error).__name__, str(error)]
+    result["errors"] = errors
+    model = AutoModelForSpeechSeq2Seq.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    result["auto"] = [type(model).__name__, type(processor).__name__]
+    result["leaked"] = [name for name in sys.modules if name.split(".")[0] == "modeling_whisper_moe"]
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def _run_remote(folder, data_dir, tmp_path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    script = REMOTE_SCRIPT.replace("__REPO__", repr(str(REPO_ROOT)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_en_moe, data_dir, tmp_path_factory) -> dict:
+    return _run_remote(tiny_en_moe, data_dir, tmp_path_factory.mktemp("remote"))
+
+
+def test_folder_holds_code_auto_map_pipeline_and_card(tiny_en_moe):
+    config = json.loads((tiny_en_moe / "config.json").read_text())
+    assert config["model_type"] == "whisper_moe"
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForSpeechSeq2Seq", "AutoProcessor"}
+    impl = config["custom_pipelines"]["automatic-speech-recognition"]["impl"]
+    assert (tiny_en_moe / f"{impl.split('.')[0]}.py").is_file()
+    for module in {entry.split(".")[0] for entry in config["auto_map"].values()}:
+        assert (tiny_en_moe / f"{module}.py").is_file()
+    card = (tiny_en_moe / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: automatic-speech-recognition" in card
+    assert "2 of 8 experts" in card and "trust_remote_code=True" in card
+    assert not [p.name for p in tiny_en_moe.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_pipeline_runs_from_the_folder_alone(remote):
+    assert remote["leaked"] == []
+    assert remote["pipeline"] == "WhisperMoEASRPipeline"
+    assert remote["model_module"].startswith("transformers_modules")
+    assert remote["auto"] == ["WhisperMoEForConditionalGeneration", "WhisperMoEProcessor"]
+
+
+def test_remote_pipeline_transcribes(remote):
+    words = lambda text: "".join(c for c in text.lower() if c.isalpha() or c == " ").split()  # noqa: E731
+    assert words(remote["text"]) == words(JFK_TEXT)
+    assert words(remote["m4a"]) == words(JFK_TEXT)
+    assert remote["batch"][0] == remote["text"]
+    assert "yellow lamps" in remote["batch"][1].lower()
+    assert len(remote["long"].split()) > 150  # 78 s of speech, chunked into 30 s windows
+
+
+def test_remote_pipeline_timestamps(remote):
+    chunks = remote["chunks"]
+    assert len(chunks) >= 1
+    starts = [chunk["timestamp"][0] for chunk in chunks]
+    assert starts[0] == 0.0 and starts == sorted(starts)
+    assert 9.0 < chunks[-1]["timestamp"][1] <= 11.5  # the clip is 11 s long
+
+
+def test_remote_pipeline_bad_audio_raises_clearly(remote):
+    missing_type, missing_message = remote["errors"]["missing"]
+    assert missing_type == "FileNotFoundError" and "no-such-file.wav" in missing_message
+    corrupt_type, corrupt_message = remote["errors"]["corrupt"]
+    assert corrupt_type == "AudioDecodeError" and "decode" in corrupt_message.lower()
