@@ -37,6 +37,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 def _upcycle(args: argparse.Namespace) -> None:
     from transformers import WhisperForConditionalGeneration
 
+    from .hub import atomic_directory
     from .model_card import count_parameters
     from .modeling_whisper_moe import WhisperMoEForConditionalGeneration
     from .processing_whisper_moe import WhisperMoEProcessor
@@ -55,8 +56,10 @@ def _upcycle(args: argparse.Namespace) -> None:
         encoder_sparse_layers=args.encoder_sparse_layers,
         decoder_sparse_layers=args.decoder_sparse_layers,
     )
-    model.save_pretrained(args.dst)
-    WhisperMoEProcessor.from_pretrained(source).save_pretrained(args.dst)
+    processor = WhisperMoEProcessor.from_pretrained(source)
+    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     total, active = count_parameters(model)
     print(f"Wrote {args.dst}: {total / 1e6:.1f} M parameters, {active / 1e6:.1f} M active per token", file=sys.stderr)
 

@@ -1,0 +1,47 @@
+"""The `whisper-moe` command line, end to end on the bundled tiny.en checkpoint."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from modeling_whisper_moe.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cli_moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["convert-ct2", "tiny.en", str(root / "dense")]) == 0
+    assert main(["upcycle", str(root / "dense"), str(root / "moe"), "--num-experts", "4", "--top-k", "2"]) == 0
+    return root / "moe"
+
+
+def test_upcycle_writes_a_hub_folder(cli_moe):
+    config = json.loads((cli_moe / "config.json").read_text())
+    assert (config["num_experts"], config["num_experts_per_tok"]) == (4, 2)
+    assert (cli_moe / "tokenizer.json").is_file() and (cli_moe / "processor_config.json").is_file()
+
+
+def test_transcribe_as_a_module(cli_moe, data_dir):
+    command = [sys.executable, "-m", "modeling_whisper_moe", "transcribe", str(cli_moe), "--json", "--timestamps"]
+    proc = subprocess.run([*command, str(data_dir / "misc/jfk.flac")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "ask not what your country can do for you" in result["text"].lower()
+    assert result["chunks"] and result["chunks"][0]["timestamp"][0] == 0.0
+
+
+def test_errors_are_plain_words(cli_moe, tmp_path, capsys):
+    assert main(["transcribe", str(cli_moe), str(tmp_path / "missing.wav")]) == 1
+    assert "missing.wav" in capsys.readouterr().err
+    assert main(["upcycle", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["convert-ct2", "large-v9", str(tmp_path / "out")]) == 1
+    assert "large-v9" in capsys.readouterr().err
+    dense = cli_moe.parent / "dense"
+    assert main(["upcycle", str(dense), str(tmp_path / "bad"), "--num-experts", "2", "--top-k", "3"]) == 1
+    assert "num_experts_per_tok" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
