@@ -9,6 +9,7 @@ from pathlib import Path
 
 DEFAULT_NUM_EXPERTS = 8
 DEFAULT_TOP_K = 2
+_UNSET = object()  # marks an upcycle flag left to the preset / default
 
 
 def _convert_ct2(args: argparse.Namespace) -> None:
@@ -34,6 +35,33 @@ def _layer_list(text: str | None) -> list[int] | None:
         ) from error
 
 
+# command-line flag -> WhisperMoEConfig field
+_MOE_FLAGS = {
+    "num_experts": "num_experts",
+    "top_k": "num_experts_per_tok",
+    "shared_experts": "num_shared_experts",
+    "encoder_sparse_layers": "encoder_sparse_layers",
+    "decoder_sparse_layers": "decoder_sparse_layers",
+}
+
+
+def _moe_options(args: argparse.Namespace) -> dict:
+    """The preset's fields (if any), overridden by the flags given on the command line."""
+    options = {"num_experts": DEFAULT_NUM_EXPERTS, "num_experts_per_tok": DEFAULT_TOP_K}
+    if args.preset:
+        if not Path(args.preset).is_file():
+            raise FileNotFoundError(f"No preset file at {args.preset}")
+        try:
+            options.update(json.loads(Path(args.preset).read_text(encoding="utf-8")))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Preset {args.preset} is not valid JSON: {error}") from error
+    for flag, field in _MOE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not _UNSET:
+            options[field] = value
+    return options
+
+
 def _upcycle(args: argparse.Namespace) -> None:
     from transformers import WhisperForConditionalGeneration
 
@@ -45,17 +73,13 @@ def _upcycle(args: argparse.Namespace) -> None:
     source = Path(args.src)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a transformers Whisper folder (no config.json).")
-    print(f"Upcycling {source} to {args.num_experts} experts, top-{args.top_k} ...", file=sys.stderr)
-    dense = WhisperForConditionalGeneration.from_pretrained(source)
-    model = WhisperMoEForConditionalGeneration.from_dense(
-        dense,
-        seed=args.seed,
-        num_experts=args.num_experts,
-        num_experts_per_tok=args.top_k,
-        num_shared_experts=args.shared_experts,
-        encoder_sparse_layers=args.encoder_sparse_layers,
-        decoder_sparse_layers=args.decoder_sparse_layers,
+    options = _moe_options(args)
+    print(
+        f"Upcycling {source} to {options['num_experts']} experts, top-{options['num_experts_per_tok']} ...",
+        file=sys.stderr,
     )
+    dense = WhisperForConditionalGeneration.from_pretrained(source)
+    model = WhisperMoEForConditionalGeneration.from_dense(dense, seed=args.seed, **options)
     processor = WhisperMoEProcessor.from_pretrained(source)
     with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
         model.save_pretrained(staging)
@@ -109,11 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle = commands.add_parser("upcycle", help="dense Whisper folder -> WhisperMoE Hub folder")
     upcycle.add_argument("src", help="a transformers WhisperForConditionalGeneration folder")
     upcycle.add_argument("dst", help="output folder")
-    upcycle.add_argument("--num-experts", type=int, default=DEFAULT_NUM_EXPERTS)
-    upcycle.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="experts per token")
-    upcycle.add_argument("--shared-experts", type=int, default=0, help="always-on experts per sparse layer")
-    upcycle.add_argument("--encoder-sparse-layers", type=_layer_list, default=None, help="'all', 'none' or 0,2,4")
-    upcycle.add_argument("--decoder-sparse-layers", type=_layer_list, default=None, help="'all', 'none' or 0,2,4")
+    upcycle.add_argument("--preset", help="JSON of WhisperMoEConfig fields, e.g. configuration/presets/moe-8x2.json")
+    upcycle.add_argument("--num-experts", type=int, default=_UNSET, help=f"default {DEFAULT_NUM_EXPERTS}")
+    upcycle.add_argument("--top-k", type=int, default=_UNSET, help=f"experts per token, default {DEFAULT_TOP_K}")
+    upcycle.add_argument("--shared-experts", type=int, default=_UNSET, help="always-on experts per sparse layer")
+    upcycle.add_argument("--encoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")
+    upcycle.add_argument("--decoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")
     upcycle.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
     upcycle.set_defaults(run=_upcycle)
 

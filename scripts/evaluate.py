@@ -24,9 +24,10 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
-import soundfile as sf
 
-SAMPLE_RATE = 16_000
+from modeling_whisper_moe.audio import SAMPLING_RATE as SAMPLE_RATE
+from modeling_whisper_moe.audio import load_audio
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MANIFEST = REPO_ROOT.parent / "shared" / "data" / "librispeech" / "test-other" / "manifest.csv"
 
@@ -61,31 +62,16 @@ class SystemResult:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def resample(audio: np.ndarray, orig_sr: int, new_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Band-limited (FFT) resampling; good enough for evaluation data that is not already 16 kHz."""
-    if orig_sr == new_sr:
-        return audio
-    n_out = int(round(len(audio) * new_sr / orig_sr))
-    spectrum = np.fft.rfft(audio)
-    out = np.zeros(n_out // 2 + 1, dtype=spectrum.dtype)
-    keep = min(len(spectrum), len(out))
-    out[:keep] = spectrum[:keep]
-    return (np.fft.irfft(out, n_out) * (n_out / len(audio))).astype(np.float32)
-
-
-def load_audio(path: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz."""
-    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return resample(audio.mean(axis=1), sr)
-
-
 def load_manifest(manifest: Path, limit: int | None = None) -> list[Utterance]:
     with open(manifest, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "text"} <= set(rows[0]):
         raise SystemExit(f"{manifest}: expected a CSV with columns path,text")
     rows = rows[:limit] if limit else rows
-    return [Utterance(manifest.parent / r["path"], r["text"], load_audio(manifest.parent / r["path"])) for r in rows]
+    return [
+        Utterance(manifest.parent / r["path"], r["text"], load_audio(manifest.parent / r["path"], SAMPLE_RATE))
+        for r in rows
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,7 +188,12 @@ def markdown_table(results: Sequence[SystemResult]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="folder (or Hub id) loadable by the transformers ASR pipeline")
+    parser.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="folder (or Hub id) loadable by the transformers ASR pipeline; repeat to compare several in one run",
+    )
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="CSV with columns path,text")
     parser.add_argument("--faster-whisper", metavar="CT2_DIR", help="also run faster-whisper on this checkpoint")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -217,10 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     language = args.language or None
     utts = load_manifest(args.manifest, args.limit)
-    model_dir = Path(args.model) if Path(args.model).is_dir() else None
+    model_dir = Path(args.model[0]) if Path(args.model[0]).is_dir() else None
     normalize, mapping_source = make_normalizer(model_dir)
     systems: list[tuple[str, Transcriber]] = [
-        (f"transformers ({args.model})", transformers_transcriber(args.model, args.batch_size, language, args.device))
+        (f"transformers ({model})", transformers_transcriber(model, args.batch_size, language, args.device))
+        for model in args.model
     ]
     if args.faster_whisper:
         fw = faster_whisper_transcriber(args.faster_whisper, language, args.device)
@@ -236,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": [asdict(r) for r in results],
         }
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        partial = args.output_json.with_name(args.output_json.name + ".tmp")
+        partial.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        partial.replace(args.output_json)
     return 0
 
 

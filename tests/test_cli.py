@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO_ROOT
 
 from modeling_whisper_moe.cli import main
 
@@ -32,6 +33,15 @@ def test_transcribe_as_a_module(cli_moe, data_dir):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "ask not what your country can do for you" in result["text"].lower()
     assert result["chunks"] and result["chunks"][0]["timestamp"][0] == 0.0
+
+
+def test_preset_and_flags(cli_moe, tmp_path):
+    preset = REPO_ROOT / "configuration" / "presets" / "moe-8x2-decoder.json"
+    dense = cli_moe.parent / "dense"
+    assert main(["upcycle", str(dense), str(tmp_path / "moe"), "--preset", str(preset), "--top-k", "1"]) == 0
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["encoder_sparse_layers"] == [] and config["decoder_sparse_layers"] is None
+    assert (config["num_experts"], config["num_experts_per_tok"]) == (8, 1)
 
 
 def test_errors_are_plain_words(cli_moe, tmp_path, capsys):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
+from conftest import DATA_DIR
 
+from modeling_whisper_moe.audio import load_audio
 from modeling_whisper_moe.convert_ct2 import (
     CT2FormatError,
     bundled_checkpoint,
@@ -23,7 +23,6 @@ from modeling_whisper_moe.convert_ct2 import (
 
 pytestmark = pytest.mark.slow
 
-DATA_DIR = Path(os.environ.get("WHISPER_MOE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 JFK_BASE = (
     " And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 )
@@ -38,17 +37,11 @@ def _checkpoint(name: str) -> Path:
 
 
 def _audio(name: str) -> np.ndarray:
-    """Mono 16 kHz float32: downmix, then band-limited FFT resampling."""
+    """Mono 16 kHz float32 of a file in the shared data folder."""
     path = DATA_DIR / name
     if not path.is_file():
         pytest.fail(f"test audio {path} not found (set WHISPER_MOE_DATA)")
-    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    audio = audio.mean(axis=1)
-    if sr == 16000:
-        return audio
-    n_out = round(len(audio) * 16000 / sr)
-    spectrum = np.fft.rfft(audio)[: n_out // 2 + 1]
-    return (np.fft.irfft(spectrum, n_out) * (n_out / len(audio))).astype(np.float32)
+    return load_audio(path)
 
 
 def _transcribe(model, processor, audio: list[np.ndarray], **kwargs) -> tuple[list[str], torch.Tensor]:
