@@ -130,13 +130,12 @@ class WhisperMoEExperts(nn.Module):
         self.activation_fn = ACT2FN[config.activation_function]
         self.activation_dropout = config.activation_dropout
 
-    def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """One expert on its tokens: (n, d_model) -> (n, d_model)."""
-        hidden_states = self.activation_fn(
-            F.linear(hidden_states, self.fc1_weight[expert_idx], self.fc1_bias[expert_idx])
-        )
+    def expert_forward(self, weights: tuple[torch.Tensor, ...], hidden_states: torch.Tensor) -> torch.Tensor:
+        """One expert, given its (fc1_weight, fc1_bias, fc2_weight, fc2_bias), on its tokens: (n, d) -> (n, d)."""
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = weights
+        hidden_states = self.activation_fn(F.linear(hidden_states, fc1_weight, fc1_bias))
         hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
-        return F.linear(hidden_states, self.fc2_weight[expert_idx], self.fc2_bias[expert_idx])
+        return F.linear(hidden_states, fc2_weight, fc2_bias)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -148,7 +147,14 @@ class WhisperMoEExperts(nn.Module):
         token_of_slot = order // top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         grouped = hidden_states[token_of_slot].split(counts)
-        outputs = [self.expert_forward(idx, tokens) for idx, tokens in enumerate(grouped) if tokens.shape[0] > 0]
+        # unbind, not indexing: the backward of one unbind is one stack, while indexing each expert would
+        # materialise a full-size zero gradient per expert
+        per_expert = zip(
+            self.fc1_weight.unbind(0), self.fc1_bias.unbind(0), self.fc2_weight.unbind(0), self.fc2_bias.unbind(0)
+        )
+        outputs = [
+            self.expert_forward(weights, tokens) for weights, tokens in zip(per_expert, grouped) if tokens.shape[0] > 0
+        ]
         expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
         return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, expert_out.to(hidden_states.dtype))
 
