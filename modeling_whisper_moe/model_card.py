@@ -1,5 +1,6 @@
 """The README.md (Hub model card) written next to a saved WhisperMoE."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,8 +26,12 @@ def _sparse_layers(config: WhisperMoEConfig, side: str) -> str:
     return "all" if layers is None else (", ".join(map(str, layers)) or "none")
 
 
-def model_card(model: torch.nn.Module) -> str:
-    """Markdown with YAML metadata describing `model` (a WhisperMoEForConditionalGeneration)."""
+def model_card(model: torch.nn.Module, training: dict | None = None) -> str:
+    """Markdown with YAML metadata describing `model` (a WhisperMoEForConditionalGeneration).
+
+    `training`, when given, is the training script's record (keys `base`, `data`, `recipe`, `metrics`): the card
+    then says what the model was fine-tuned on, how, and what it scored.
+    """
     config: WhisperMoEConfig = model.config
     total, active = count_parameters(model)
     source = config.upcycled_from
@@ -76,7 +81,35 @@ or `AutoModelForSpeechSeq2Seq.from_pretrained("<this repo>", trust_remote_code=T
 `AutoProcessor.from_pretrained("<this repo>", trust_remote_code=True)`. The code ships in this repository
 (made with [whisper-moe](https://pypi.org/project/whisper-moe/)).
 """
-    return "\n".join(metadata) + "\n" + body
+    return "\n".join(metadata) + "\n" + body + (_training_section(training) if training else "")
+
+
+def _training_section(record: dict) -> str:
+    data = record.get("data", {})
+    source = data.get("train_manifest") or data.get("dataset_name")
+    held_out = ", ".join(data.get("exclude_speakers") or []) or "none"
+    recipe = {key: value for key, value in record.get("recipe", {}).items() if key != "path"}
+    metrics = record.get("metrics", {})
+    rows = "\n".join(f"| {key} | {value:.4g} |" for key, value in metrics.items() if isinstance(value, (int, float)))
+    return f"""
+## Training
+
+Fine-tuned from `{record.get("base")}` on `{source}` (split `{data.get("train_split")}`, speakers held out of
+training: {held_out}) with `scripts/train.py`, recipe `{record.get("recipe", {}).get("path")}`:
+
+```json
+{json.dumps(recipe, indent=2)}
+```
+
+## Evaluation
+
+On `{data.get("eval_manifest") or source}` (split `{data.get("eval_split")}`); WER/CER in percent after Whisper's
+English normalisation.
+
+| metric | value |
+|---|---|
+{rows}
+"""
 
 
 def _shared_note(config: WhisperMoEConfig) -> str:

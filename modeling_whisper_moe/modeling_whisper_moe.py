@@ -500,8 +500,8 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
 
         labels: (batch, tgt_len) token ids with -100 on padding. With labels, `loss` is the token cross-entropy plus
         `aux_loss`. Under gradient accumulation the Trainer passes `num_items_in_batch`, the real label count of the
-        whole accumulated batch, and the cross-entropy is summed and divided by it, so the update does not depend
-        on how the batch was split. `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of
+        whole accumulated batch: the cross-entropy is summed and divided by it, and the router losses are weighted by
+        this micro-batch's share of it, so the update does not depend on how the batch was split. `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of
         the encoder's router losses.
         """
         if labels is not None:
@@ -534,6 +534,11 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         loss = None
         if labels is not None:
             loss = self._cross_entropy(logits, labels, num_items_in_batch)
+            if router_losses["aux_loss"] is not None and num_items_in_batch is not None:
+                # each micro-batch adds its router losses weighted by its share of the accumulated batch's labels,
+                # so the accumulated sum is a weighted mean at the scale of one full-batch step
+                share = (labels != IGNORE_INDEX).sum().to(logits.device) / num_items_in_batch
+                router_losses["aux_loss"] = router_losses["aux_loss"] * share
             if router_losses["aux_loss"] is not None:
                 loss = loss + router_losses["aux_loss"].to(loss.device)
         return WhisperMoEOutput(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import WhisperConfig
+from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration
 
@@ -71,6 +71,27 @@ def tiny_en_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("ckpt") / "whisper-moe-tiny.en"
     model = WhisperMoEForConditionalGeneration.from_dense(tiny_en_dense, num_experts=8, num_experts_per_tok=2)
+    model.save_pretrained(folder)
+    WhisperMoEProcessor.from_pretrained(tiny_en_dense).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_random_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
+    """A WhisperMoE folder with tiny.en's vocabulary, processor and generation config but random 2-layer weights of
+    width 32: the real data path at unit-test speed."""
+    from transformers import GenerationConfig
+
+    from modeling_whisper_moe import WhisperMoEProcessor
+
+    real = WhisperConfig.from_pretrained(tiny_en_dense)
+    sizes = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2)
+    sizes.update(decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    torch.manual_seed(0)
+    dense = WhisperForConditionalGeneration(WhisperConfig(**{**real.to_dict(), **sizes}))
+    dense.generation_config = GenerationConfig.from_pretrained(tiny_en_dense)
+    model = WhisperMoEForConditionalGeneration.from_dense(dense, num_experts=4, num_experts_per_tok=2)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-random-moe"
     model.save_pretrained(folder)
     WhisperMoEProcessor.from_pretrained(tiny_en_dense).save_pretrained(folder)
     return folder

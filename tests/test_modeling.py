@@ -116,16 +116,19 @@ def test_load_balancing_loss_is_one_when_balanced_and_larger_when_collapsed():
 
 
 def test_loss_is_independent_of_gradient_accumulation_split():
-    model = tiny_moe(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    model = tiny_moe()
     features, labels = _inputs(batch=4, tgt_len=6)
     labels[0, 2:] = -100  # uneven label counts make a mean of per-batch means wrong
     labels[3, 5:] = -100
-    full = model(features, labels=labels).loss
     num_items = (labels != -100).sum()
-    halves = sum(
-        model(features[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=num_items).loss for i in (0, 2)
-    )
-    torch.testing.assert_close(halves, full)
+    full = model(features, labels=labels)
+    halves = [model(features[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=num_items) for i in (0, 2)]
+    full_ce = full.loss - full.aux_loss
+    torch.testing.assert_close(sum(half.loss - half.aux_loss for half in halves), full_ce)
+    # router losses: each half weighted by its share of the labels, i.e. a token-weighted mean at full-batch scale
+    unweighted = [model(features[i : i + 2], labels=labels[i : i + 2]).aux_loss for i in (0, 2)]
+    shares = [(labels[i : i + 2] != -100).sum() / num_items for i in (0, 2)]
+    torch.testing.assert_close(halves[0].aux_loss + halves[1].aux_loss, sum(a * s for a, s in zip(unweighted, shares)))
 
 
 def test_upcycled_tiny_model_equals_dense_source():

@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""Fine-tune WhisperMoE with transformers' Seq2SeqTrainer, from a JSON recipe and/or flags.
+
+    python scripts/train.py [RECIPE.json] --model_name_or_path MODEL --train_manifest CSV --output_dir OUT [flags]
+
+MODEL is a WhisperMoE folder, used as is, or a dense Whisper folder, upcycled on the fly (--num_experts,
+--num_experts_per_tok). Without a recipe the project's default, configuration/recipes/asr-finetune.json, applies;
+flags override the recipe. Every Seq2SeqTrainingArguments flag works (--max_steps, --gradient_accumulation_steps,
+--resume_from_checkpoint, --report_to tensorboard, ...). The same command scales out unchanged with
+`accelerate launch` or `torchrun --nproc_per_node N`.
+
+OUT ends up a self-contained Hub folder (weights, code, processor) whose model card records the data, the recipe
+and the evaluation results.
+"""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, WhisperForConditionalGeneration  # noqa: E402
+
+from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor  # noqa: E402
+from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
+from modeling_whisper_moe.model_card import model_card  # noqa: E402
+from modeling_whisper_moe.training import TRAINING_MODES, WhisperMoETrainer, apply_training_mode  # noqa: E402
+from processing import SpeechSeq2SeqCollator, WaveformAugmenter, load_asr_dataset, prepare_dataset, read_manifest  # noqa: E402
+from processing.metrics import english_normalizer, make_compute_metrics  # noqa: E402
+
+DEFAULT_RECIPE = REPO_ROOT / "configuration" / "recipes" / "asr-finetune.json"
+SHUFFLE_BUFFER = 1_000  # examples held for shuffling a streamed training set
+logger = logging.getLogger("train")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "WhisperMoE folder, or dense Whisper folder to upcycle"})
+    num_experts: int = field(default=8, metadata={"help": "experts per sparse layer when upcycling a dense model"})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "top-k when upcycling a dense model"})
+    training_mode: str = field(default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (training_mode=lora)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (training_mode=lora)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "must stay 0: expert adapters have no input"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the config's value"})
+    router_z_loss_coef: float | None = field(default=None, metadata={"help": "override the config's value"})
+    router_jitter_noise: float | None = field(default=None, metadata={"help": "override the config's value"})
+    language: str | None = field(default=None, metadata={"help": "language token for multilingual models, e.g. en"})
+    task: str = field(default="transcribe", metadata={"help": "transcribe or translate (multilingual models)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on GPU, fp32 on CPU), no"})
+
+
+@dataclass
+class DataArguments:
+    train_manifest: str | None = field(default=None, metadata={"help": "CSV path,text (paths relative to it)"})
+    eval_manifest: str | None = field(default=None, metadata={"help": "defaults to train_manifest's eval_split"})
+    train_split: str = field(default="train", metadata={"help": "rows of a manifest's split column to train on"})
+    eval_split: str = field(default="test", metadata={"help": "rows of a manifest's split column to evaluate on"})
+    exclude_speakers: list[str] = field(default_factory=list, metadata={"help": "speakers kept out of training"})
+    dataset_name: str | None = field(default=None, metadata={"help": "a datasets source, e.g. audiofolder"})
+    dataset_config_name: str | None = field(default=None)
+    data_dir: str | None = field(default=None, metadata={"help": "data_dir for folder-based datasets"})
+    audio_column: str = field(default="audio")
+    text_column: str = field(default="text")
+    streaming: bool = field(default=False, metadata={"help": "read the training data lazily (too big for disk)"})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    max_label_length: int = field(default=448, metadata={"help": "drop examples with longer labels"})
+    augment: bool = field(default=False, metadata={"help": "gain / noise / speed augmentation of training audio"})
+    preprocessing_num_workers: int | None = field(default=None)
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments, dict]:
+    """Recipe (first argument if it ends in .json, else the default recipe) overlaid with the flags."""
+    recipe_path = Path(argv[0]) if argv and argv[0].endswith(".json") else DEFAULT_RECIPE
+    flags = argv[1:] if argv and argv[0].endswith(".json") else argv
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"Recipe not found: {recipe_path}")
+    recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+    recipe_flags = [item for key, value in recipe.items() for item in _as_flags(key, value)]
+    # without an accelerator, torchrun / accelerate processes only form a (gloo) process group when told "cpu"
+    device_flags = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=device_flags + recipe_flags + flags)
+    return model_args, data_args, training_args, {"path": str(recipe_path), **recipe}
+
+
+def _as_flags(key: str, value) -> list[str]:
+    if isinstance(value, list):
+        return [f"--{key}", *map(str, value)]
+    if isinstance(value, dict):
+        return [f"--{key}", json.dumps(value)]
+    return [f"--{key}", str(value)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_model(args: ModelArguments) -> tuple[torch.nn.Module, WhisperMoEProcessor]:
+    """The WhisperMoE to train (upcycled when the checkpoint is dense) and its processor."""
+    config_file = Path(args.model_name_or_path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--model_name_or_path {args.model_name_or_path} has no config.json")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type == "whisper":
+        logger.info(
+            "Upcycling dense %s to %d experts, top-%d",
+            args.model_name_or_path,
+            args.num_experts,
+            args.num_experts_per_tok,
+        )
+        dense = WhisperForConditionalGeneration.from_pretrained(args.model_name_or_path)
+        model = WhisperMoEForConditionalGeneration.from_dense(
+            dense, num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok
+        )
+    elif model_type == WhisperMoEConfig.model_type:
+        model = WhisperMoEForConditionalGeneration.from_pretrained(args.model_name_or_path)
+    else:
+        raise ValueError(f"{args.model_name_or_path} holds a {model_type!r} model; expected whisper or whisper_moe")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
+        if getattr(args, name) is not None:
+            setattr(model.config, name, getattr(args, name))
+    model.config.check_moe_fields()
+    processor = WhisperMoEProcessor.from_pretrained(args.model_name_or_path)
+    if model.generation_config.is_multilingual:
+        processor.tokenizer.set_prefix_tokens(language=args.language, task=args.task)
+        model.generation_config.language, model.generation_config.task = args.language, args.task
+    model.config.use_cache = False  # training never reuses keys/values; generation turns the cache back on
+    return model, processor
+
+
+def set_mixed_precision(model_args: ModelArguments, training_args: Seq2SeqTrainingArguments) -> None:
+    """bf16 on GPUs that have it, else fp16; fp32 on CPU."""
+    if model_args.mixed_precision not in ("auto", "no"):
+        raise ValueError(f"--mixed_precision must be auto or no, got {model_args.mixed_precision!r}")
+    if model_args.mixed_precision == "auto" and torch.cuda.is_available() and not training_args.fp16:
+        training_args.bf16 = torch.cuda.is_bf16_supported()
+        training_args.fp16 = not training_args.bf16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_splits(args: DataArguments, seed: int):
+    """Raw (audio, text) train and eval sets from a manifest or a datasets source."""
+    if args.train_manifest:
+        train = read_manifest(args.train_manifest, split=_split_if_column(args.train_manifest, args.train_split),
+                              exclude_speakers=args.exclude_speakers or None)  # fmt: skip
+        eval_manifest = args.eval_manifest or args.train_manifest
+        evaluation = read_manifest(eval_manifest, split=_split_if_column(eval_manifest, args.eval_split))
+    elif args.dataset_name:
+        load = dict(config=args.dataset_config_name, audio_column=args.audio_column, text_column=args.text_column,
+                    data_dir=args.data_dir)  # fmt: skip
+        train = load_asr_dataset(args.dataset_name, split=args.train_split, streaming=args.streaming, **load)
+        evaluation = load_asr_dataset(args.dataset_name, split=args.eval_split, **load)
+    else:
+        raise ValueError("Give --train_manifest or --dataset_name")
+    if args.max_train_samples and not args.streaming:
+        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def _split_if_column(manifest: str, split: str) -> str | None:
+    """Filter on the split column only when the manifest has one (a plain path,text CSV is used whole)."""
+    with open(manifest, encoding="utf-8") as handle:
+        header = handle.readline().strip().split(",")
+    return split if "split" in header else None
+
+
+def prepare_splits(train, evaluation, processor, args: DataArguments, seed: int):
+    augment = WaveformAugmenter(seed=seed) if args.augment else None
+    if args.streaming and hasattr(train, "to_iterable_dataset"):
+        train = train.to_iterable_dataset()
+    if not hasattr(train, "__len__"):
+        train = train.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    workers = args.preprocessing_num_workers
+    train = prepare_dataset(
+        train, processor, max_label_length=args.max_label_length, augment=augment, num_proc=workers
+    )
+    evaluation = prepare_dataset(evaluation, processor, max_label_length=args.max_label_length, num_proc=workers)
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_hub_folder(trainer: WhisperMoETrainer, processor, output_dir: str, training_record: dict) -> None:
+    """Final weights (LoRA merged into the base), processor and a model card recording how they were made."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(Path(output_dir) / "adapter")  # the adapters alone, loadable onto the base
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    with atomic_directory(output_dir) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(model, training=training_record), encoding="utf-8")
+        (staging / "training_record.json").write_text(json.dumps(training_record, indent=2, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args, recipe = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.set_seed(training_args.seed)
+    set_mixed_precision(model_args, training_args)
+    model, processor = load_model(model_args)
+    model = apply_training_mode(model, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
+                                model_args.lora_dropout)  # fmt: skip
+    raw_train, raw_eval = load_splits(data_args, training_args.seed)
+    with training_args.main_process_first(desc="dataset preparation"):
+        train, evaluation = prepare_splits(raw_train, raw_eval, processor, data_args, training_args.seed)
+    normalize = english_normalizer(model_args.model_name_or_path)
+    trainer = WhisperMoETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=SpeechSeq2SeqCollator(processor, model.config.decoder_start_token_id),
+        compute_metrics=make_compute_metrics(processor.tokenizer, normalize),
+        processing_class=processor,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval")}
+    trainer.log_metrics("all", metrics)
+    if trainer.is_world_process_zero():
+        record = {"recipe": recipe, "model": vars(model_args), "data": vars(data_args), "metrics": metrics,
+                  "base": model_args.model_name_or_path}  # fmt: skip
+        save_hub_folder(trainer, processor, training_args.output_dir, record)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
