@@ -501,8 +501,8 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         labels: (batch, tgt_len) token ids with -100 on padding. With labels, `loss` is the token cross-entropy plus
         `aux_loss`. Under gradient accumulation the Trainer passes `num_items_in_batch`, the real label count of the
         whole accumulated batch: the cross-entropy is summed and divided by it, and the router losses are weighted by
-        this micro-batch's share of it, so the update does not depend on how the batch was split. `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of
-        the encoder's router losses.
+        this micro-batch's share of it, so the update does not depend on how the batch was split.
+        `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of the encoder's router losses.
         """
         if labels is not None:
             if labels.shape[1] > self.max_target_positions:
