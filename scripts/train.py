@@ -114,7 +114,9 @@ def load_model(args: ModelArguments) -> tuple[torch.nn.Module, WhisperMoEProcess
     if not config_file.is_file():
         raise FileNotFoundError(f"--model_name_or_path {args.model_name_or_path} has no config.json")
     model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    if model_type == "whisper":
+    if model_type == "whisper" and not args.upcycle:
+        model = WhisperForConditionalGeneration.from_pretrained(args.model_name_or_path)  # the dense baseline
+    elif model_type == "whisper":
         logger.info(
             "Upcycling dense %s to %d experts, top-%d",
             args.model_name_or_path,
@@ -129,10 +131,11 @@ def load_model(args: ModelArguments) -> tuple[torch.nn.Module, WhisperMoEProcess
         model = WhisperMoEForConditionalGeneration.from_pretrained(args.model_name_or_path)
     else:
         raise ValueError(f"{args.model_name_or_path} holds a {model_type!r} model; expected whisper or whisper_moe")
-    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
-        if getattr(args, name) is not None:
-            setattr(model.config, name, getattr(args, name))
-    model.config.check_moe_fields()
+    if isinstance(model, WhisperMoEForConditionalGeneration):
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
+            if getattr(args, name) is not None:
+                setattr(model.config, name, getattr(args, name))
+        model.config.check_moe_fields()
     processor = WhisperMoEProcessor.from_pretrained(args.model_name_or_path)
     if model.generation_config.is_multilingual:
         processor.tokenizer.set_prefix_tokens(language=args.language, task=args.task)
@@ -212,7 +215,8 @@ def save_hub_folder(trainer: WhisperMoETrainer, processor, output_dir: str, trai
     with atomic_directory(output_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        (staging / "README.md").write_text(model_card(model, training=training_record), encoding="utf-8")
+        if isinstance(model, WhisperMoEForConditionalGeneration):  # a dense baseline keeps the record only
+            (staging / "README.md").write_text(model_card(model, training=training_record), encoding="utf-8")
         (staging / "training_record.json").write_text(json.dumps(training_record, indent=2, default=str) + "\n")
 
 
