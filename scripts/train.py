@@ -46,6 +46,7 @@ logger = logging.getLogger("train")
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "WhisperMoE folder, or dense Whisper folder to upcycle"})
+    upcycle: bool = field(default=True, metadata={"help": "upcycle a dense checkpoint; false trains it dense"})
     num_experts: int = field(default=8, metadata={"help": "experts per sparse layer when upcycling a dense model"})
     num_experts_per_tok: int = field(default=2, metadata={"help": "top-k when upcycling a dense model"})
     training_mode: str = field(default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}"})

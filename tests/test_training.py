@@ -162,3 +162,19 @@ def test_two_process_ddp_on_cpu(tiny_random_moe, data_dir, tmp_path):
     state = json.loads((tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json").read_text())
     # 2 steps x 2 processes x 2 examples: the 8 training clips exactly once (a single process would be at 0.5)
     assert state["global_step"] == 2 and state["epoch"] == pytest.approx(1.0)
+
+
+def test_train_script_upcycles_dense_checkpoints_unless_told_not_to(tiny_en_dense, tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from train import load_model, parse_arguments
+
+    common = ["--model_name_or_path", str(tiny_en_dense), "--output_dir", str(tmp_path)]
+    model_args, _, training_args, recipe = parse_arguments([*common, "--num_experts", "4"])
+    assert recipe["path"].endswith("asr-finetune.json") and training_args.adam_beta2 == 0.98
+    upcycled, _ = load_model(model_args)
+    assert isinstance(upcycled, WhisperMoEForConditionalGeneration) and upcycled.config.num_experts == 4
+    dense_args = parse_arguments([*common, "--upcycle", "false"])[0]
+    dense, _ = load_model(dense_args)
+    assert type(dense).__name__ == "WhisperForConditionalGeneration"
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
+        parse_arguments([*common, "--no_such_flag", "1"])
