@@ -1,6 +1,5 @@
 """The README.md (Hub model card) written next to a saved WhisperMoE."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -88,18 +87,24 @@ def _training_section(record: dict) -> str:
     data = record.get("data", {})
     source = data.get("train_manifest") or data.get("dataset_name")
     held_out = ", ".join(data.get("exclude_speakers") or []) or "none"
-    recipe = {key: value for key, value in record.get("recipe", {}).items() if key != "path"}
+    settings = "\n".join(f"| {key} | {value} |" for key, value in record.get("hyperparameters", {}).items())
     metrics = record.get("metrics", {})
     rows = "\n".join(f"| {key} | {value:.4g} |" for key, value in metrics.items() if isinstance(value, (int, float)))
     return f"""
 ## Training
 
 Fine-tuned from `{record.get("base")}` on `{source}` (split `{data.get("train_split")}`, speakers held out of
-training: {held_out}) with `scripts/train.py`, recipe `{record.get("recipe", {}).get("path")}`:
+training: {held_out}) with
 
-```json
-{json.dumps(recipe, indent=2)}
+```bash
+python {" ".join(record.get("command", []))}
 ```
+
+on top of the recipe `{record.get("recipe", {}).get("path")}`. Effective settings:
+
+| setting | value |
+|---|---|
+{settings}
 
 ## Evaluation
 

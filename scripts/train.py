@@ -206,6 +206,18 @@ def prepare_splits(train, evaluation, processor, args: DataArguments, seed: int)
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# what the model card lists of the run's effective settings (recipe overlaid with flags)
+CARD_HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+                        "num_train_epochs", "warmup_steps", "lr_scheduler_type", "adam_beta1", "adam_beta2",
+                        "adam_epsilon", "weight_decay", "seed", "bf16", "fp16", "world_size")  # fmt: skip
+
+
+def effective_hyperparameters(model_args: ModelArguments, training_args: Seq2SeqTrainingArguments) -> dict:
+    values = {name: getattr(training_args, name) for name in CARD_HYPERPARAMETERS}
+    values["lr_scheduler_type"] = str(values["lr_scheduler_type"]).split(".")[-1].lower()
+    return {"training_mode": model_args.training_mode, **values}
+
+
 def save_hub_folder(trainer: WhisperMoETrainer, processor, output_dir: str, training_record: dict) -> None:
     """Final weights (LoRA merged into the base), processor and a model card recording how they were made."""
     model = trainer.model
@@ -248,8 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval")}
     trainer.log_metrics("all", metrics)
     if trainer.is_world_process_zero():
-        record = {"recipe": recipe, "model": vars(model_args), "data": vars(data_args), "metrics": metrics,
-                  "base": model_args.model_name_or_path}  # fmt: skip
+        record = {"base": model_args.model_name_or_path, "command": ["scripts/train.py", *(argv or sys.argv[1:])],
+                  "recipe": recipe, "hyperparameters": effective_hyperparameters(model_args, training_args),
+                  "model": vars(model_args), "data": vars(data_args), "metrics": metrics}  # fmt: skip
         save_hub_folder(trainer, processor, training_args.output_dir, record)
     return metrics
 

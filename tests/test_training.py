@@ -145,6 +145,7 @@ def test_train_script_writes_a_hub_folder_with_a_model_card(tiny_random_moe, dat
     out = tmp_path / "out"
     record = json.loads((out / "training_record.json").read_text())
     assert record["data"]["exclude_speakers"] == ["yweweler"] and record["recipe"]["adam_beta2"] == 0.98
+    assert record["hyperparameters"]["max_steps"] == 2 and record["hyperparameters"]["adam_beta2"] == 0.98
     assert 0.0 <= record["metrics"]["eval_wer"]
     card = (out / "README.md").read_text()
     assert "## Training" in card and "eval_wer" in card and "yweweler" in card
