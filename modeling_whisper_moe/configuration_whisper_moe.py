@@ -3,6 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import WhisperConfig
 
+EXPERTS_IMPLEMENTATIONS = ("grouped", "loop")
+
 
 @strict
 class WhisperMoEConfig(WhisperConfig):
@@ -40,6 +42,9 @@ class WhisperMoEConfig(WhisperConfig):
     output_router_logits (`bool`, defaults to `False`):
         Return each sparse layer's router logits. The router losses are computed whenever labels are given, whatever
         this says.
+    experts_implementation (`str`, defaults to `"grouped"`):
+        How the experts run: "grouped" sorts tokens by expert and runs one matmul per expert (fast); "loop" masks
+        each expert's tokens in turn (the reference). Both compute the same function.
     upcycled_from (`str`, *optional*):
         The dense checkpoint (Hub id or path) this model was upcycled from; recorded by `from_dense` for the model
         card.
@@ -57,6 +62,7 @@ class WhisperMoEConfig(WhisperConfig):
     router_z_loss_coef: float | int = 0.001
     router_jitter_noise: float | int = 0.0
     output_router_logits: bool = False
+    experts_implementation: str = "grouped"
     upcycled_from: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -77,6 +83,11 @@ class WhisperMoEConfig(WhisperConfig):
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}.")
+        if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}, "
+                f"got {self.experts_implementation!r}."
+            )
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}.")
         for side, num_layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):

@@ -116,19 +116,31 @@ class WhisperMoERouter(nn.Module):
 class WhisperMoEExperts(nn.Module):
     """`num_experts` copies of Whisper's feed-forward block (fc1 -> activation -> fc2), stored as stacked tensors.
 
-    Tokens are grouped by expert (one sort), each expert runs one matmul over its contiguous slice, and the weighted
-    results are scattered back: no per-token Python work and no dense (tokens, experts) compute.
+    Two implementations, chosen by `config.experts_implementation`, compute the same function:
+    - "grouped" (default): tokens are sorted by expert once, each expert runs one matmul over its contiguous slice,
+      and the weighted results are scattered back.
+    - "loop": the reference; for each expert, find its tokens with a mask and add its weighted output.
     """
 
     def __init__(self, config: WhisperMoEConfig, ffn_dim: int):
         super().__init__()
         self.num_experts = config.num_experts
+        self.implementation = config.experts_implementation
         self.fc1_weight = nn.Parameter(torch.empty(config.num_experts, ffn_dim, config.d_model))
         self.fc1_bias = nn.Parameter(torch.empty(config.num_experts, ffn_dim))
         self.fc2_weight = nn.Parameter(torch.empty(config.num_experts, config.d_model, ffn_dim))
         self.fc2_bias = nn.Parameter(torch.empty(config.num_experts, config.d_model))
         self.activation_fn = ACT2FN[config.activation_function]
         self.activation_dropout = config.activation_dropout
+
+    def per_expert_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """(fc1_weight, fc1_bias, fc2_weight, fc2_bias) of each expert.
+
+        unbind, not indexing: the backward of one unbind is one stack, while indexing each expert would materialise a
+        full-size zero gradient per expert.
+        """
+        stacked = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        return list(zip(*(tensor.unbind(0) for tensor in stacked)))
 
     def expert_forward(self, weights: tuple[torch.Tensor, ...], hidden_states: torch.Tensor) -> torch.Tensor:
         """One expert, given its (fc1_weight, fc1_bias, fc2_weight, fc2_bias), on its tokens: (n, d) -> (n, d)."""
@@ -141,22 +153,34 @@ class WhisperMoEExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """hidden_states (tokens, d_model), top_k_index / top_k_weights (tokens, k) -> (tokens, d_model)."""
+        if self.implementation == "loop":
+            return self._loop(hidden_states, top_k_index, top_k_weights)
+        return self._grouped(hidden_states, top_k_index, top_k_weights)
+
+    def _grouped(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         top_k = top_k_index.shape[-1]
         flat_experts = top_k_index.reshape(-1)  # (tokens * k,)
         order = flat_experts.argsort(stable=True)
         token_of_slot = order // top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         grouped = hidden_states[token_of_slot].split(counts)
-        # unbind, not indexing: the backward of one unbind is one stack, while indexing each expert would
-        # materialise a full-size zero gradient per expert
-        per_expert = zip(
-            self.fc1_weight.unbind(0), self.fc1_bias.unbind(0), self.fc2_weight.unbind(0), self.fc2_bias.unbind(0)
-        )
         outputs = [
-            self.expert_forward(weights, tokens) for weights, tokens in zip(per_expert, grouped) if tokens.shape[0] > 0
+            self.expert_forward(weights, tokens)
+            for weights, tokens in zip(self.per_expert_weights(), grouped)
+            if tokens.shape[0] > 0
         ]
         expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
         return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, expert_out.to(hidden_states.dtype))
+
+    def _loop(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        output = torch.zeros_like(hidden_states)
+        for expert_idx, weights in enumerate(self.per_expert_weights()):
+            token_idx, slot = torch.where(top_k_index == expert_idx)
+            if token_idx.numel() == 0:
+                continue
+            expert_out = self.expert_forward(weights, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            output.index_add_(0, token_idx, expert_out.to(hidden_states.dtype))
+        return output
 
 
 class WhisperMoEMLP(nn.Module):

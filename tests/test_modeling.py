@@ -60,6 +60,25 @@ def test_sparse_block_matches_naive_top_k_mixture():
     torch.testing.assert_close(block(hidden), expected.reshape(3, 7, 16), atol=1e-5, rtol=1e-5)
 
 
+def test_expert_implementations_give_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    tokens = torch.randn(3000, 16)
+    top_k_index = torch.randint(0, 4, (3000, 2))
+    top_k_weights = torch.rand(3000, 2)
+    results = {}
+    for implementation in ("grouped", "loop"):
+        torch.manual_seed(1)
+        block = WhisperMoESparseBlock(tiny_moe_config(experts_implementation=implementation), ffn_dim=24)
+        for parameter in block.parameters():
+            torch.nn.init.normal_(parameter, std=0.3)
+        inputs = tokens.clone().requires_grad_(True)
+        out = block.experts(inputs, top_k_index, top_k_weights)
+        out.square().sum().backward()
+        results[implementation] = (out, inputs.grad, block.experts.fc1_weight.grad, block.experts.fc2_bias.grad)
+    for grouped, loop in zip(results["grouped"], results["loop"]):
+        torch.testing.assert_close(grouped, loop, atol=1e-4, rtol=1e-4)
+
+
 def test_gradients_reach_routers_and_experts():
     model = tiny_moe().train()
     features, labels = _inputs()
@@ -152,6 +171,7 @@ def test_upcycled_tiny_model_equals_dense_source():
         ({"num_shared_experts": -1}, "num_shared_experts"),
         ({"encoder_sparse_layers": [0, 7]}, r"encoder_sparse_layers names layers \[7\]"),
         ({"decoder_sparse_layers": [-1]}, "decoder_sparse_layers"),
+        ({"experts_implementation": "magic"}, "experts_implementation"),
     ],
 )
 def test_impossible_configs_raise(overrides, message):
