@@ -78,7 +78,11 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None)
     max_label_length: int = field(default=448, metadata={"help": "drop examples with longer labels"})
     augment: bool = field(default=False, metadata={"help": "gain / noise / speed augmentation of training audio"})
-    preprocessing_num_workers: int | None = field(default=None)
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "processes for feature extraction; one is fastest on CPU (forked workers fight torch's "
+                  "threads: 15x slower here, and one run hung)"},
+    )  # fmt: skip
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments, dict]:
