@@ -1,6 +1,10 @@
 """Shared fixtures: the data folder, tiny random configs, and real converted / upcycled tiny.en checkpoints."""
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,41 @@ def tiny_random_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     WhisperMoEProcessor.from_pretrained(tiny_en_dense).save_pretrained(folder)
     return folder
+
+
+# Prepended to scripts run by run_without_package: the package is installed (editable), so it is blocked from import
+# and the repository is taken off sys.path; at the end the script's `result` dict is printed with what leaked.
+_ISOLATION_PREAMBLE = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_whisper_moe", "processing"):
+                raise ImportError(f"{name} must not be importable in this test")
+
+    sys.meta_path.insert(0, BlockPackage())
+    sys.path = [p for p in sys.path if p not in ("", __REPO__)]
+    """
+)
+_ISOLATION_EPILOGUE = """
+result["leaked"] = [name for name in sys.modules if name.split(".")[0] == "modeling_whisper_moe"]
+print("RESULT" + json.dumps(result))
+"""
+
+
+def run_without_package(script: str, *args, tmp_path: Path) -> dict:
+    """Run `script` (which fills a dict named `result`) in a fresh interpreter that cannot import this package."""
+    code = _ISOLATION_PREAMBLE.replace("__REPO__", repr(str(REPO_ROOT))) + script + _ISOLATION_EPILOGUE
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])

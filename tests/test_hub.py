@@ -2,30 +2,17 @@
 this package, through `pipeline(..., trust_remote_code=True)` and the Auto classes."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from conftest import JFK_TEXT, REPO_ROOT
+from conftest import JFK_TEXT, run_without_package
 
 pytestmark = pytest.mark.slow
 
-# Runs in a fresh interpreter. The package is made unimportable (it is installed in editable mode) so that only the
-# code inside the folder can answer.
+# Runs where the package cannot be imported (see conftest.run_without_package): only the folder's code can answer.
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "modeling_whisper_moe":
-                raise ImportError(f"{name} must not be importable in this test")
-
-    sys.meta_path.insert(0, BlockPackage())
-    sys.path = [p for p in sys.path if p not in ("", __REPO__)]
-    from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor, pipeline
+    from transformers import AutoModel, AutoModelForSpeechSeq2Seq, AutoProcessor, pipeline
 
     folder, data = sys.argv[1], sys.argv[2]
     asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
@@ -48,33 +35,16 @@ REMOTE_SCRIPT = textwrap.dedent(
             errors[name] = [type(error).__name__, str(error)]
     result["errors"] = errors
     model = AutoModelForSpeechSeq2Seq.from_pretrained(folder, trust_remote_code=True)
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    result["auto"] = [type(model).__name__, type(processor).__name__]
-    result["leaked"] = [name for name in sys.modules if name.split(".")[0] == "modeling_whisper_moe"]
-    print("RESULT" + json.dumps(result))
+    result["auto"] = [type(model).__name__, type(base).__name__, type(processor).__name__]
     """
 )
 
 
-def _run_remote(folder, data_dir, tmp_path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    script = REMOTE_SCRIPT.replace("__REPO__", repr(str(REPO_ROOT)))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(folder), str(data_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
-
-
 @pytest.fixture(scope="module")
 def remote(tiny_en_moe, data_dir, tmp_path_factory) -> dict:
-    return _run_remote(tiny_en_moe, data_dir, tmp_path_factory.mktemp("remote"))
+    return run_without_package(REMOTE_SCRIPT, tiny_en_moe, data_dir, tmp_path=tmp_path_factory.mktemp("remote"))
 
 
 def test_folder_holds_code_auto_map_pipeline_and_card(tiny_en_moe):
@@ -95,7 +65,7 @@ def test_pipeline_runs_from_the_folder_alone(remote):
     assert remote["leaked"] == []
     assert remote["pipeline"] == "WhisperMoEASRPipeline"
     assert remote["model_module"].startswith("transformers_modules")
-    assert remote["auto"] == ["WhisperMoEForConditionalGeneration", "WhisperMoEProcessor"]
+    assert remote["auto"] == ["WhisperMoEForConditionalGeneration", "WhisperMoEModel", "WhisperMoEProcessor"]
 
 
 def test_remote_pipeline_transcribes(remote):

@@ -1,7 +1,7 @@
 """Whisper's language and task handling survives upcycling: OpenAI's multilingual base, upcycled to 8x2."""
 
 import pytest
-from conftest import JFK_TEXT
+from conftest import JFK_TEXT, run_without_package
 from transformers import pipeline
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor
@@ -44,6 +44,28 @@ def test_language_and_task_tokens_are_used(asr, data_dir):
     # forcing French makes Whisper write French: the language token reaches the decoder
     french = asr(jfk, generate_kwargs={"language": "fr", "task": "transcribe"})["text"]
     assert _words(french) != _words(english)
+
+
+LANGUAGE_SCRIPT = """
+from transformers import pipeline
+
+folder, jfk = sys.argv[1], sys.argv[2]
+asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+result = {
+    "detected": asr(jfk, return_language=True, return_timestamps=True)["chunks"][0]["language"],
+    "english": asr(jfk, generate_kwargs={"language": "en", "task": "transcribe"})["text"],
+    "translated": asr(jfk, generate_kwargs={"task": "translate"})["text"],
+    "french": asr(jfk, generate_kwargs={"language": "fr", "task": "transcribe"})["text"],
+}
+"""
+
+
+def test_language_and_task_from_the_folder_alone(base_moe, data_dir, tmp_path):
+    result = run_without_package(LANGUAGE_SCRIPT, base_moe, data_dir / "misc/jfk.flac", tmp_path=tmp_path)
+    assert result["leaked"] == [] and result["detected"] == "english"
+    assert _words(result["english"]) == _words(JFK_TEXT)
+    assert "your country" in result["translated"].lower()
+    assert _words(result["french"]) != _words(result["english"])
 
 
 def test_unknown_language_is_rejected_with_a_clear_error(base_moe, data_dir):
