@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .hub import atomic_directory
+
 DEFAULT_NUM_EXPERTS = 8
 DEFAULT_TOP_K = 2
 _UNSET = object()  # marks an upcycle flag left to the preset / default
@@ -65,7 +67,6 @@ def _moe_options(args: argparse.Namespace) -> dict:
 def _upcycle(args: argparse.Namespace) -> None:
     from transformers import WhisperForConditionalGeneration
 
-    from .hub import atomic_directory
     from .model_card import count_parameters
     from .modeling_whisper_moe import WhisperMoEForConditionalGeneration
     from .processing_whisper_moe import WhisperMoEProcessor
@@ -120,6 +121,51 @@ def _transcribe(args: argparse.Namespace) -> None:
             print(f"  [{begin:7.2f} -> {end if end is not None else float('nan'):7.2f}] {chunk['text'].strip()}")
 
 
+def _manifest_batches(manifest: Path, processor, limit: int, batch_size: int, split: str | None):
+    """Model inputs (features and teacher-forced labels) for the first `limit` rows of a path,text CSV (of `split`
+    when the CSV has a split column)."""
+    import csv
+
+    import torch
+
+    from .audio import SAMPLING_RATE, load_audio
+
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if split is None or row.get("split") == split][:limit]
+    if not rows or not {"path", "text"} <= set(rows[0]):
+        raise ValueError(f"{manifest} has no rows with path and text columns (split={split!r})")
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        audio = [load_audio(manifest.parent / row["path"], SAMPLING_RATE) for row in chunk]
+        features = processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt")
+        # without <|startoftranscript|>: the model prepends it when it shifts the labels right
+        ids = [processor.tokenizer(" " + row["text"]).input_ids[1:] for row in chunk]
+        labels = torch.full((len(ids), max(map(len, ids))), -100)
+        for row, row_ids in enumerate(ids):
+            labels[row, : len(row_ids)] = torch.tensor(row_ids)
+        yield {"input_features": features.input_features, "labels": labels}
+
+
+def _prune_experts(args: argparse.Namespace) -> None:
+    from .modeling_whisper_moe import WhisperMoEForConditionalGeneration
+    from .processing_whisper_moe import WhisperMoEProcessor
+    from .pruning import check_keep, prune_experts, routing_counts
+
+    manifest = Path(args.manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"No manifest at {manifest}")
+    model = WhisperMoEForConditionalGeneration.from_pretrained(args.src)
+    check_keep(model.config, args.keep)  # before the slow part
+    processor = WhisperMoEProcessor.from_pretrained(args.src)
+    print(f"Counting expert choices on {args.limit} rows of {manifest} ...", file=sys.stderr)
+    counts = routing_counts(model, _manifest_batches(manifest, processor, args.limit, args.batch_size, args.split))
+    prune_experts(model, counts, args.keep)
+    with atomic_directory(args.dst) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    print(f"Wrote {args.dst}: {args.keep} experts per sparse layer", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisper-moe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--decoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")
     upcycle.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
     upcycle.set_defaults(run=_upcycle)
+
+    prune = commands.add_parser("prune-experts", help="keep each sparse layer's most-used experts")
+    prune.add_argument("src", help="a WhisperMoE folder")
+    prune.add_argument("dst", help="output folder")
+    prune.add_argument("--keep", type=int, required=True, help="experts kept per sparse layer")
+    prune.add_argument("--manifest", required=True, help="CSV with path,text whose audio measures expert use")
+    prune.add_argument("--limit", type=int, default=64, help="rows of the manifest to run")
+    prune.add_argument("--split", help="only rows whose split column equals this (e.g. train)")
+    prune.add_argument("--batch-size", type=int, default=8)
+    prune.set_defaults(run=_prune_experts)
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files through the ASR pipeline")
     transcribe.add_argument("model", help="a WhisperMoE (or Whisper) folder or Hub id")

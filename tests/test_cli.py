@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+from modeling_whisper_moe import WhisperMoEForConditionalGeneration
 from modeling_whisper_moe.cli import main
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,17 @@ def test_preset_and_flags(cli_moe, tmp_path):
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["encoder_sparse_layers"] == [] and config["decoder_sparse_layers"] is None
     assert (config["num_experts"], config["num_experts_per_tok"]) == (8, 1)
+
+
+def test_prune_experts_keeps_the_most_used(cli_moe, data_dir, tmp_path):
+    manifest = str(data_dir / "fsdd" / "manifest.csv")
+    command = ["prune-experts", str(cli_moe), str(tmp_path / "pruned"), "--keep", "2", "--manifest", manifest]
+    assert main([*command, "--split", "train", "--limit", "4"]) == 0
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["num_experts"] == 2 and config["num_experts_per_tok"] == 2
+    pruned = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path / "pruned")
+    assert pruned.model.encoder.layers[0].mlp.experts.fc1_weight.shape[0] == 2
+    assert main([*command, "--keep", "1"]) == 1  # fewer experts than top-k is impossible
 
 
 def test_errors_are_plain_words(cli_moe, tmp_path, capsys):

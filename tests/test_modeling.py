@@ -193,3 +193,26 @@ def test_config_round_trips_through_json(tmp_path):
     loaded = WhisperMoEConfig.from_pretrained(tmp_path)
     assert (loaded.num_experts, loaded.decoder_sparse_layers, loaded.router_jitter_noise) == (6, [0], 0.1)
     assert loaded.model_type == "whisper_moe"
+
+
+def test_pruning_unused_experts_keeps_the_outputs():
+    from modeling_whisper_moe.pruning import prune_experts, routing_counts
+
+    model = tiny_moe(num_experts=6)
+    direction = torch.randn(TINY["d_model"])
+    for layer in [*model.model.encoder.layers, *model.model.decoder.layers]:
+        # every token reaches the experts as `direction`, which experts 4 and 5 score lowest
+        torch.nn.init.zeros_(layer.final_layer_norm.weight)
+        layer.final_layer_norm.bias.data.copy_(direction)
+        router = layer.mlp.router.weight.data
+        router[:4] = direction + 0.1 * torch.randn(4, TINY["d_model"])
+        router[4:] = -direction
+    features, labels = _inputs()
+    expected = model(features, labels=labels).logits
+    counts = routing_counts(model, [{"input_features": features, "labels": labels}])
+    assert all(count[4:].sum() == 0 and count.sum() > 0 for count in counts.values())
+    pruned = prune_experts(model, counts, keep=4)
+    assert pruned.config.num_experts == 4 and pruned.model.decoder.layers[0].mlp.experts.fc1_weight.shape[0] == 4
+    torch.testing.assert_close(pruned(features, labels=labels).logits, expected)
+    with pytest.raises(ValueError, match="keep must be between"):
+        prune_experts(pruned, counts, keep=1)
