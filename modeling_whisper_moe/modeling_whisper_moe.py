@@ -41,7 +41,7 @@ ENCODER_DOWNSAMPLING = 2  # conv2's stride: one encoder position per two mel fra
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _token_weights(num_layers: int, num_tokens: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+def token_weights(num_layers: int, num_tokens: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
     """Per-token weights (1 real, 0 padding) matching `torch.cat(router_logits)`, shape (num_layers * num_tokens,)."""
     if attention_mask is None:
         return torch.ones(num_layers * num_tokens, device=device)
@@ -65,20 +65,28 @@ def load_balancing_loss(
     when one expert takes everything.
     """
     logits = torch.cat(router_logits, dim=0).float()  # (layers * tokens, E)
-    weights = _token_weights(len(router_logits), router_logits[0].shape[0], attention_mask, logits.device)
-    probs = logits.softmax(dim=-1)
-    _, selected = probs.topk(top_k, dim=-1)  # (layers * tokens, k)
-    routed = F.one_hot(selected, num_experts).sum(dim=1).float()  # (layers * tokens, E)
-    total = weights.sum().clamp(min=1.0)
-    slots_per_expert = (routed * weights[:, None]).sum(dim=0) / (total * top_k)  # (E,)
-    prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total  # (E,)
+    weights = token_weights(len(router_logits), router_logits[0].shape[0], attention_mask, logits.device)
+    slots_per_expert, prob_per_expert = expert_shares(logits, top_k, weights)
     return num_experts * (slots_per_expert * prob_per_expert).sum()
+
+
+def expert_shares(logits: torch.Tensor, top_k: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's share of the routing slots and its mean router probability, both (num_experts,).
+
+    logits: (tokens, num_experts) float; weights: (tokens,), 1 for real tokens and 0 for padding.
+    """
+    probs = logits.softmax(dim=-1)
+    routed = F.one_hot(probs.topk(top_k, dim=-1).indices, logits.shape[-1]).sum(dim=1).float()  # (tokens, E)
+    total = weights.sum().clamp(min=1.0)
+    slots_per_expert = (routed * weights[:, None]).sum(dim=0) / (total * top_k)
+    prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total
+    return slots_per_expert, prob_per_expert
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: the mean squared log-partition of the router logits, padding excluded."""
     logits = torch.cat(router_logits, dim=0).float()
-    weights = _token_weights(len(router_logits), router_logits[0].shape[0], attention_mask, logits.device)
+    weights = token_weights(len(router_logits), router_logits[0].shape[0], attention_mask, logits.device)
     z = torch.logsumexp(logits, dim=-1) ** 2  # (layers * tokens,)
     return (z * weights).sum() / weights.sum().clamp(min=1.0)
 

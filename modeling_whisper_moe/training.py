@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Seq2SeqTrainer
 
-from .modeling_whisper_moe import IGNORE_INDEX
+from .modeling_whisper_moe import IGNORE_INDEX, expert_shares, token_weights
 
 TRAINING_MODES = ("full", "freeze_encoder", "experts", "lora")
 # Parameter-name fragments of what "experts" mode trains: routed experts, routers, shared experts.
@@ -76,11 +76,10 @@ def router_statistics(
     stats = []
     for logits in router_logits:
         logits = logits.detach().float()
-        weights = torch.ones(logits.shape[0], device=logits.device) if mask is None else mask.reshape(-1).float()
+        weights = token_weights(1, logits.shape[0], mask, logits.device)
         num_experts = logits.shape[-1]
+        load, _ = expert_shares(logits, top_k, weights)
         probs = logits.softmax(dim=-1)
-        routed = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()
-        load = (routed * weights[:, None]).sum(0) / (weights.sum() * top_k).clamp(min=1.0)
         entropy = -(probs * probs.clamp(min=1e-9).log()).sum(-1)
         mean_entropy = (entropy * weights).sum() / weights.sum().clamp(min=1.0)
         stats.append(
