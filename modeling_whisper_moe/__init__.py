@@ -1,10 +1,17 @@
 """WhisperMoE: Mixture-of-Experts Whisper, upcycled from any dense Whisper checkpoint.
 
 Importing the package registers the classes with transformers' Auto classes, so `AutoModelForSpeechSeq2Seq`,
-`AutoModel`, `AutoConfig` and `AutoProcessor` resolve `model_type="whisper_moe"` without `trust_remote_code`.
+`AutoModelForTextToSpectrogram` (text-to-speech), `AutoModel`, `AutoConfig` and `AutoProcessor` resolve
+`model_type="whisper_moe"` without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSpeechSeq2Seq,
+    AutoModelForTextToSpectrogram,
+    AutoProcessor,
+)
 
 from .audio import load_audio
 from .configuration_whisper_moe import WhisperMoEConfig
@@ -15,6 +22,8 @@ from .modeling_whisper_moe import (
     load_balancing_loss,
     router_z_loss,
 )
+from .modeling_whisper_moe_tts import WhisperMoEForTextToSpeech
+from .pipeline_text_to_audio import WhisperMoETextToAudioPipeline
 from .pipeline_whisper_moe import WhisperMoEASRPipeline
 from .processing_whisper_moe import WhisperMoEProcessor
 
@@ -24,15 +33,18 @@ AutoConfig.register(WhisperMoEConfig.model_type, WhisperMoEConfig, exist_ok=True
 AutoModel.register(WhisperMoEConfig, WhisperMoEModel, exist_ok=True)
 AutoModelForSpeechSeq2Seq.register(WhisperMoEConfig, WhisperMoEForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(WhisperMoEConfig, WhisperMoEProcessor, exist_ok=True)
+AutoModelForTextToSpectrogram.register(WhisperMoEConfig, WhisperMoEForTextToSpeech, exist_ok=True)
 WhisperMoEProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "WhisperMoEASRPipeline",
     "WhisperMoEConfig",
     "WhisperMoEForConditionalGeneration",
+    "WhisperMoEForTextToSpeech",
     "WhisperMoEModel",
     "WhisperMoEPreTrainedModel",
     "WhisperMoEProcessor",
+    "WhisperMoETextToAudioPipeline",
     "load_audio",
     "load_balancing_loss",
     "router_z_loss",

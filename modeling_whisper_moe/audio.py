@@ -1,8 +1,9 @@
-"""Audio loading and band-limited resampling for Whisper-MoE.
+"""Audio loading, saving and band-limited resampling for Whisper-MoE.
 
 Everything Whisper needs is float32 mono audio at 16 kHz. `load_audio` turns files (any container soundfile or
 FFmpeg/PyAV can read), encoded bytes, arrays and the dict conventions of `datasets` / transformers pipelines into
 exactly that; `resample` is a Kaiser-windowed-sinc polyphase resampler written in torch (no scipy/librosa/torchaudio).
+`save_audio` writes .wav / .flac (e.g. text-to-speech output) atomically.
 
 soundfile and av are optional at import time (this file ships with trust_remote_code) and imported when decoding.
 """
@@ -14,6 +15,7 @@ import io
 import math
 import numbers
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -37,7 +39,11 @@ DIRECT_CHUNK_SAMPLES = 1 << 14
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | torch.Tensor | Mapping[str, Any]
 
-__all__ = ["SAMPLING_RATE", "AudioDecodeError", "AudioSource", "load_audio", "resample"]
+# Formats `save_audio` writes, by file suffix: (libsndfile format, sample encoding). 16-bit PCM plays everywhere and
+# FLAC stores no float samples.
+SAVE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16")}
+
+__all__ = ["SAMPLING_RATE", "SAVE_FORMATS", "AudioDecodeError", "AudioSource", "load_audio", "resample", "save_audio"]
 
 
 class AudioDecodeError(ValueError):
@@ -78,6 +84,44 @@ def load_audio(source: AudioSource, sampling_rate: int = SAMPLING_RATE) -> np.nd
     _check_rate(source_rate, f"sampling rate of {name}")
     mono = _to_mono_float32(samples, name, channel_axis)
     return resample(mono, source_rate, sampling_rate)
+
+
+def save_audio(
+    path: str | os.PathLike, waveform: np.ndarray | torch.Tensor, sampling_rate: int = SAMPLING_RATE
+) -> Path:
+    """Write `waveform` to `path` as 16-bit PCM, in the format its suffix names (see `SAVE_FORMATS`).
+
+    The file is written to a temporary sibling and renamed into place, so `path` never holds half a file.
+
+    Args:
+        path: destination ending in `.wav` or `.flac`; missing parent folders are created.
+        waveform: float samples in [-1, 1] shaped `(time,)`, or `(time, channels)` / `(channels, time)` (the shorter
+            axis is taken as channels). Samples beyond +-1 are clipped: 16-bit PCM has no headroom.
+        sampling_rate: rate of `waveform` in Hz.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: an unsupported suffix, empty audio, NaN/inf or non-numeric samples, a bad shape or sampling rate.
+    """
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in SAVE_FORMATS:
+        raise ValueError(f"Cannot write {path}: unsupported suffix {path.suffix!r}; use one of {sorted(SAVE_FORMATS)}")
+    _check_rate(sampling_rate, "sampling_rate")
+    samples = _to_frames_by_channels(waveform, str(path))
+    file_format, subtype = SAVE_FORMATS[path.suffix.lower()]
+    soundfile = _import_optional("soundfile", "soundfile")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh name rather than mkstemp, whose 0600 mode would survive the rename; the file gets the umask's mode
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        soundfile.write(temporary, samples, sampling_rate, format=file_format, subtype=subtype)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -239,9 +283,7 @@ def _to_mono_float32(samples: Any, name: str, channel_axis: int | None) -> np.nd
     if samples.ndim not in (1, 2):
         raise ValueError(f"{name}: expected audio of shape (time,) or (time, channels), got {samples.shape}")
     if np.issubdtype(samples.dtype, np.integer):
-        info = np.iinfo(samples.dtype)
-        half_range = (int(info.max) - int(info.min) + 1) / 2
-        samples = (samples.astype(np.float64) - (info.min + half_range)) / half_range
+        samples = _int_pcm_to_float(samples)
     elif not np.issubdtype(samples.dtype, np.floating):
         raise ValueError(f"{name}: audio samples must be numbers, got dtype {samples.dtype}")
     if samples.ndim == 2:
@@ -252,6 +294,33 @@ def _to_mono_float32(samples: Any, name: str, channel_axis: int | None) -> np.nd
     if not np.isfinite(samples).all():
         raise ValueError(f"{name}: the audio contains NaN or infinite samples")
     return samples.astype(np.float32, copy=False)
+
+
+def _int_pcm_to_float(samples: np.ndarray) -> np.ndarray:
+    """Integer PCM (any width, signed or unsigned) -> float64 in [-1, 1)."""
+    info = np.iinfo(samples.dtype)
+    half_range = (int(info.max) - int(info.min) + 1) / 2
+    return (samples.astype(np.float64) - (info.min + half_range)) / half_range
+
+
+def _to_frames_by_channels(waveform: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """Validated float32 samples shaped `(time,)` or `(time, channels)`, clipped to [-1, 1], for soundfile."""
+    if isinstance(waveform, torch.Tensor):
+        waveform = waveform.detach().cpu().float().numpy()
+    samples = np.asarray(waveform)
+    if np.issubdtype(samples.dtype, np.integer):
+        samples = _int_pcm_to_float(samples)
+    elif not np.issubdtype(samples.dtype, np.floating):
+        raise ValueError(f"{name}: audio samples must be numbers, got dtype {samples.dtype}")
+    if samples.ndim not in (1, 2):
+        raise ValueError(f"{name}: expected audio of shape (time,) or (time, channels), got {samples.shape}")
+    if samples.size == 0:
+        raise ValueError(f"{name}: the audio is empty (0 samples), nothing to write")
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{name}: the audio contains NaN or infinite samples")
+    if samples.ndim == 2 and samples.shape[0] < samples.shape[1]:
+        samples = samples.T  # (channels, time) -> (time, channels)
+    return np.clip(samples.astype(np.float32), -1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from huggingface_hub.dataclasses import strict
 from transformers import WhisperConfig
 
-EXPERTS_IMPLEMENTATIONS = ("grouped", "loop")
+EXPERTS_IMPLEMENTATIONS = ("grouped", "loop", "grouped_mm", "batched_mm")
+QUANTIZATION_DTYPES = ("int8",)  # what `whisper-moe quantize --dtype` writes
+QUANTIZATION_KEYS = frozenset({"dtype", "float_embeddings"})  # what a `quantization` dict may hold
 
 
 @strict
@@ -43,11 +45,53 @@ class WhisperMoEConfig(WhisperConfig):
         Return each sparse layer's router logits. The router losses are computed whenever labels are given, whatever
         this says.
     experts_implementation (`str`, defaults to `"grouped"`):
-        How the experts run: "grouped" sorts tokens by expert and runs one matmul per expert (fast); "loop" masks
-        each expert's tokens in turn (the reference). Both compute the same function.
+        How the experts run, all computing the same function: "grouped" sorts tokens by expert and runs one matmul
+        per expert segment (fastest on CPU); "loop" masks each expert's tokens in turn (the reference);
+        "grouped_mm" and "batched_mm" are transformers' experts kernels (`torch._grouped_mm`, the fast choice on
+        recent GPUs). `from_pretrained(..., experts_implementation=...)` and `model.set_experts_implementation(...)`
+        switch it without touching this saved default.
     upcycled_from (`str`, *optional*):
         The dense checkpoint (Hub id or path) this model was upcycled from; recorded by `from_dense` for the model
         card.
+    quantization (`dict`, *optional*):
+        `None` for float weights. `{"dtype": "int8"}` marks a folder written by `whisper-moe quantize`: experts,
+        linear layers and the tied token embedding / output projection hold int8 weights with one float32 scale per
+        output channel, run by torch's CPU int8 kernels (see quantization.py). The model then builds those int8
+        modules itself, so `from_pretrained` loads the int8 tensors as they are. `"float_embeddings": True` keeps the
+        token embedding and output projection in float (more accurate, 4x larger on disk).
+    variable_length_audio (`bool`, defaults to `False`):
+        Encode only a clip's real mel frames instead of Whisper's fixed 30 s window: the encoder trims the batch to
+        its longest clip (by `attention_mask`), masks the padding in self- and cross-attention and gives each clip
+        positions from 0. Pretrained Whisper weights expect the 30 s window, so this changes their outputs: switch
+        it on for a fine-tune (short clips then cost a fraction of the compute) and keep it for inference. Generation
+        then decodes without timestamps.
+    pack_audio (`bool`, defaults to `True`):
+        With `variable_length_audio`, pack several clips into one encoder sequence (up to `max_source_positions`)
+        with a block-diagonal attention mask, so no compute goes to padding; `False` pads each clip to the batch's
+        longest instead. Both give the same outputs.
+    text_frontend (`bool`, defaults to `False`):
+        Give the encoder a text front-end next to the audio one: a token embedding of width `d_model` and learned
+        text positions, so the encoder takes `input_ids` + `attention_mask` as well as `input_features` and the same
+        model translates text. Off by default, so audio checkpoints are unchanged; when added to a trained model
+        both embeddings start as copies of the decoder's (Whisper's tokenizer is shared by both sides). Not named
+        `text_encoder`: transformers' `get_text_config()` takes an attribute of that name for a sub-config.
+    max_text_positions (`int`, defaults to 448):
+        Longest token sequence the text front-end takes (its position table's size). 448 is Whisper's
+        `max_target_positions`, so the decoder's learned positions can initialise it.
+
+    Text-to-speech fields, read only by [`WhisperMoEForTextToSpeech`] (the speech-recognition model ignores them):
+
+    tts_speaker_embedding_dim (`int`, defaults to 0):
+        Width of the optional speaker embedding (e.g. 512 for x-vectors, or a one-hot over training voices) that is
+        projected onto the text encoding. 0 means the model takes no speaker input.
+    tts_duration_loss_coef (`float`, defaults to 1.0):
+        Weight of the duration predictor's loss (MSE of log(1 + frames) per token) next to the L1 mel loss; both are
+        of order 0.1-1 once training settles, so equal weight keeps either from being ignored.
+    tts_postnet_layers (`int`, defaults to 0):
+        Convolution layers of the residual post-net that sharpens the predicted mel (Tacotron 2); 0 disables it.
+    tts_reduction_factor (`int`, defaults to 1):
+        Mel frames each decoder position predicts (Tacotron's reduction factor). Speech changes little within 30 ms,
+        so 3 cuts the decoder's work threefold at little cost in detail; durations become multiples of it.
     """
 
     model_type = "whisper_moe"
@@ -64,10 +108,22 @@ class WhisperMoEConfig(WhisperConfig):
     output_router_logits: bool = False
     experts_implementation: str = "grouped"
     upcycled_from: str | None = None
+    quantization: dict | None = None
+    variable_length_audio: bool = False
+    pack_audio: bool = True
+    text_frontend: bool = False
+    max_text_positions: int = 448
+    tts_speaker_embedding_dim: int = 0
+    tts_duration_loss_coef: float | int = 1.0
+    tts_postnet_layers: int = 0
+    tts_reduction_factor: int = 1
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.check_moe_fields()
+        if self._experts_implementation is None:
+            # what the experts dispatch on (transformers' runtime switch), defaulting to the saved choice
+            self._experts_implementation = self.experts_implementation
 
     def check_moe_fields(self) -> None:
         """Raise `ValueError` naming the offending value if the Mixture-of-Experts fields cannot work together."""
@@ -80,7 +136,14 @@ class WhisperMoEConfig(WhisperConfig):
             )
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be 0 or more, got {self.num_shared_experts}.")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
+        for name in (
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "router_jitter_noise",
+            "tts_speaker_embedding_dim",
+            "tts_duration_loss_coef",
+            "tts_postnet_layers",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}.")
         if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
@@ -88,6 +151,11 @@ class WhisperMoEConfig(WhisperConfig):
                 f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}, "
                 f"got {self.experts_implementation!r}."
             )
+        if self.tts_reduction_factor < 1:
+            raise ValueError(f"tts_reduction_factor must be at least 1, got {self.tts_reduction_factor}.")
+        if self.max_text_positions < 1:
+            raise ValueError(f"max_text_positions must be at least 1, got {self.max_text_positions}.")
+        self.check_quantization()
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}.")
         for side, num_layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
@@ -99,6 +167,20 @@ class WhisperMoEConfig(WhisperConfig):
                 raise ValueError(
                     f"{side}_sparse_layers names layers {unknown}, but the {side} has layers 0..{num_layers - 1}."
                 )
+
+    def check_quantization(self) -> None:
+        """Raise `ValueError` naming the offending value if `quantization` is not None or {"dtype": one of
+        QUANTIZATION_DTYPES, optionally "float_embeddings": bool}."""
+        if self.quantization is None:
+            return
+        if not isinstance(self.quantization, dict) or not {"dtype"} <= set(self.quantization) <= QUANTIZATION_KEYS:
+            raise ValueError(
+                f'quantization must be None or {{"dtype": ..., "float_embeddings": bool}}, got {self.quantization!r}.'
+            )
+        if self.quantization["dtype"] not in QUANTIZATION_DTYPES:
+            raise ValueError(
+                f"quantization dtype must be one of {QUANTIZATION_DTYPES}, got {self.quantization['dtype']!r}."
+            )
 
     def is_sparse_layer(self, side: str, layer_idx: int) -> bool:
         """Whether layer `layer_idx` of `side` ("encoder" or "decoder") has a sparse feed-forward block."""

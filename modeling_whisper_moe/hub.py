@@ -5,6 +5,7 @@ leaves a half-written weight file behind.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ AUTO_MAP = {
     "AutoModel": "modeling_whisper_moe.WhisperMoEModel",
     "AutoModelForSpeechSeq2Seq": "modeling_whisper_moe.WhisperMoEForConditionalGeneration",
     "AutoProcessor": "processing_whisper_moe.WhisperMoEProcessor",
+    "AutoModelForTextToSpectrogram": "modeling_whisper_moe_tts.WhisperMoEForTextToSpeech",
 }
 
 # transformers 5.x routes any model_type but "whisper" to CTC decoding; this pipeline decodes the Whisper way.
@@ -31,10 +33,45 @@ CUSTOM_PIPELINES = {
         "tf": [],
         "type": "audio",
     },
+    # transformers 5.x has no translation pipeline; this one feeds text to the encoder's text front-end
+    "translation": {
+        "impl": "pipeline_translation.WhisperMoETranslationPipeline",
+        "pt": ["AutoModelForSpeechSeq2Seq"],
+        "tf": [],
+        "type": "text",
+    },
+    # text -> speech with WhisperMoEForTextToSpeech and a vocoder (Griffin-Lim unless one is passed)
+    "text-to-audio": {
+        "impl": "pipeline_text_to_audio.WhisperMoETextToAudioPipeline",
+        "pt": ["AutoModelForTextToSpectrogram"],
+        "tf": [],
+        "type": "text",
+    },
 }
 
 # Entry modules of the Hub code; their relative imports come along.
-HUB_MODULES = ("modeling_whisper_moe.py", "processing_whisper_moe.py", "pipeline_whisper_moe.py")
+HUB_MODULES = (
+    "modeling_whisper_moe.py",
+    "processing_whisper_moe.py",
+    "pipeline_whisper_moe.py",
+    "pipeline_translation.py",
+    "modeling_whisper_moe_tts.py",
+    "pipeline_text_to_audio.py",
+)
+
+
+def merged_custom_pipelines(config, save_directory: str | os.PathLike) -> dict[str, dict]:
+    """The `custom_pipelines` a save into `save_directory` writes: the entries already in that folder's config.json,
+    then the config's own (e.g. set by a registered pipeline's `save_pretrained`), then this package's; a later entry
+    wins for the same task. Saving several pipelines into one folder keeps them all."""
+    existing = {}
+    config_file = Path(save_directory) / "config.json"
+    if config_file.is_file():
+        try:
+            existing = json.loads(config_file.read_text(encoding="utf-8")).get("custom_pipelines") or {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Cannot merge custom pipelines into {config_file}: not valid JSON ({error})") from error
+    return {**existing, **(getattr(config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
 
 
 def copy_hub_code(folder: str | os.PathLike) -> list[Path]:

@@ -15,6 +15,9 @@ from torch import nn
 from transformers import WhisperForConditionalGeneration, WhisperModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.models.whisper.modeling_whisper import (
     WhisperDecoder,
@@ -25,14 +28,19 @@ from transformers.models.whisper.modeling_whisper import (
     WhisperPreTrainedModel,
     shift_tokens_right,
 )
-from transformers.utils.output_capturing import OutputRecorder
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_whisper_moe import WhisperMoEConfig
-from .hub import AUTO_MAP, CUSTOM_PIPELINES, atomic_directory, copy_hub_code
+from .hub import AUTO_MAP, atomic_directory, copy_hub_code, merged_custom_pipelines
 from .model_card import model_card
+from .packing import block_diagonal_mask, pack, plan_packing, unpack
+from .quantization import quantize_model
 from .upcycling import moe_config_from_dense, upcycle_state_dict
 
 IGNORE_INDEX = -100  # label value the cross-entropy skips (padding)
+# Decoder task token for text output. Whisper's "translate" means "into English"; "transcribe" after a language token
+# means "write in that language", so <|de|><|transcribe|> asks for German whatever the input's language.
+TEXT_TASK = "transcribe"
 ENCODER_DOWNSAMPLING = 2  # conv2's stride: one encoder position per two mel frames
 
 
@@ -121,25 +129,80 @@ class WhisperMoERouter(nn.Module):
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
+def grouped_experts_forward(
+    self: "WhisperMoEExperts", hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Sort the (token, expert) slots by expert once, run each expert on its contiguous segment, scatter back.
+
+    hidden_states (tokens, d_model), top_k_index / top_k_weights (tokens, k) -> (tokens, d_model).
+    """
+    top_k = top_k_index.shape[-1]
+    flat_experts = top_k_index.reshape(-1)  # (tokens * k,)
+    order = flat_experts.argsort(stable=True)
+    token_of_slot = order // top_k
+    counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+    grouped = hidden_states[token_of_slot].split(counts)
+    outputs = [
+        self.expert_forward(weights, tokens)
+        for weights, tokens in zip(self.per_expert_weights(), grouped)
+        if tokens.shape[0] > 0
+    ]
+    expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
+    return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, expert_out.to(hidden_states.dtype))
+
+
+def loop_experts_forward(
+    self: "WhisperMoEExperts", hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The reference: for each expert, find its tokens with a mask and add its weighted output."""
+    output = torch.zeros_like(hidden_states)
+    for expert_idx, weights in enumerate(self.per_expert_weights()):
+        token_idx, slot = torch.where(top_k_index == expert_idx)
+        if token_idx.numel() == 0:
+            continue
+        expert_out = self.expert_forward(weights, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+        output.index_add_(0, token_idx, expert_out.to(hidden_states.dtype))
+    return output
+
+
+class WhisperMoEExpertsInterface(ExpertsInterface):
+    """transformers' experts kernels ("grouped_mm", "batched_mm", ...) plus this model's "grouped" and "loop"."""
+
+    _global_mapping = {
+        **ExpertsInterface._global_mapping,
+        "grouped": grouped_experts_forward,
+        "loop": loop_experts_forward,
+    }
+
+
+EXPERTS_FUNCTIONS = WhisperMoEExpertsInterface()
+
+
+@use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS, has_gate=False, has_bias=True)
 class WhisperMoEExperts(nn.Module):
     """`num_experts` copies of Whisper's feed-forward block (fc1 -> activation -> fc2), stored as stacked tensors.
 
-    Two implementations, chosen by `config.experts_implementation`, compute the same function:
-    - "grouped" (default): tokens are sorted by expert once, each expert runs one matmul over its contiguous slice,
-      and the weighted results are scattered back.
-    - "loop": the reference; for each expert, find its tokens with a mask and add its weighted output.
+    transformers' `use_experts_implementation` dispatches the forward on `config._experts_implementation` (see
+    `WhisperMoEConfig.experts_implementation`): "grouped" (default), "loop" (the reference), or transformers' own
+    "grouped_mm" / "batched_mm", which find the weights under the names `up_proj` / `down_proj` aliased below.
     """
 
     def __init__(self, config: WhisperMoEConfig, ffn_dim: int):
         super().__init__()
         self.num_experts = config.num_experts
-        self.implementation = config.experts_implementation
         self.fc1_weight = nn.Parameter(torch.empty(config.num_experts, ffn_dim, config.d_model))
         self.fc1_bias = nn.Parameter(torch.empty(config.num_experts, ffn_dim))
         self.fc2_weight = nn.Parameter(torch.empty(config.num_experts, config.d_model, ffn_dim))
         self.fc2_bias = nn.Parameter(torch.empty(config.num_experts, config.d_model))
         self.activation_fn = ACT2FN[config.activation_function]
         self.activation_dropout = config.activation_dropout
+
+    # transformers' experts kernels read the weights and activation under these names
+    act_fn = property(lambda self: self.activation_fn)
+    up_proj = property(lambda self: self.fc1_weight)
+    up_proj_bias = property(lambda self: self.fc1_bias)
+    down_proj = property(lambda self: self.fc2_weight)
+    down_proj_bias = property(lambda self: self.fc2_bias)
 
     def per_expert_weights(self) -> list[tuple[torch.Tensor, ...]]:
         """(fc1_weight, fc1_bias, fc2_weight, fc2_bias) of each expert.
@@ -160,35 +223,11 @@ class WhisperMoEExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """hidden_states (tokens, d_model), top_k_index / top_k_weights (tokens, k) -> (tokens, d_model)."""
-        if self.implementation == "loop":
-            return self._loop(hidden_states, top_k_index, top_k_weights)
-        return self._grouped(hidden_states, top_k_index, top_k_weights)
+        """hidden_states (tokens, d_model), top_k_index / top_k_weights (tokens, k) -> (tokens, d_model).
 
-    def _grouped(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        top_k = top_k_index.shape[-1]
-        flat_experts = top_k_index.reshape(-1)  # (tokens * k,)
-        order = flat_experts.argsort(stable=True)
-        token_of_slot = order // top_k
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        grouped = hidden_states[token_of_slot].split(counts)
-        outputs = [
-            self.expert_forward(weights, tokens)
-            for weights, tokens in zip(self.per_expert_weights(), grouped)
-            if tokens.shape[0] > 0
-        ]
-        expert_out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
-        return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, expert_out.to(hidden_states.dtype))
-
-    def _loop(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        output = torch.zeros_like(hidden_states)
-        for expert_idx, weights in enumerate(self.per_expert_weights()):
-            token_idx, slot = torch.where(top_k_index == expert_idx)
-            if token_idx.numel() == 0:
-                continue
-            expert_out = self.expert_forward(weights, hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
-            output.index_add_(0, token_idx, expert_out.to(hidden_states.dtype))
-        return output
+        The "eager" implementation is the grouped dispatch.
+        """
+        return grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 class WhisperMoEMLP(nn.Module):
@@ -284,9 +323,21 @@ class WhisperMoEDecoderLayer(_FeedForwardResidual, WhisperDecoderLayer):
         encoder_attention_mask: torch.Tensor | None = None,
         cache=None,
         use_cache: bool | None = True,
+        encoder_padding_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """(batch, tgt_len, d_model) -> (batch, tgt_len, d_model), attending to (batch, 1500, d_model)."""
+        """(batch, tgt_len, d_model) -> (batch, tgt_len, d_model), attending to (batch, src_len, d_model).
+
+        encoder_padding_mask: (batch, src_len), 1 = real encoder position (padded text input). WhisperDecoder hands
+        its layers encoder_attention_mask=None, so the 2D mask comes through its keyword arguments under this name.
+        """
+        if encoder_attention_mask is None and encoder_padding_mask is not None:
+            encoder_attention_mask = create_bidirectional_mask(
+                config=self.self_attn.config,
+                inputs_embeds=hidden_states,
+                attention_mask=encoder_padding_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs
@@ -315,6 +366,22 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
     config: WhisperMoEConfig
     _no_split_modules = ["WhisperMoEEncoderLayer", "WhisperMoEDecoderLayer"]
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers caches this answer as a class attribute found by inheritance: once a dense Whisper has been
+        # built, WhisperPreTrainedModel says False and every subclass would read that cached False
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """The requested experts implementation, else the config's saved default; "eager" means the grouped one."""
+        implementation = requested_experts or self.config.experts_implementation
+        if implementation != "eager" and implementation not in EXPERTS_FUNCTIONS:
+            raise ValueError(
+                f"experts_implementation={implementation!r} is not available; choose one of "
+                f"{['eager', *EXPERTS_FUNCTIONS.valid_keys()]}."
+            )
+        return implementation
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -330,6 +397,30 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
 
 def _router_recorder() -> dict:
     return {"router_logits": OutputRecorder(WhisperMoERouter, index=0)}
+
+
+def language_token_id(generation_config: GenerationConfig, language: str) -> int:
+    """The id of `language`'s token: a code ("de"), a name ("german") or the token itself ("<|de|>")."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
+    code = language.strip("<|>").lower()
+    code = TO_LANGUAGE_CODE.get(code, code)
+    if f"<|{code}|>" not in lang_to_id:
+        known = ", ".join(sorted(token.strip("<|>") for token in lang_to_id)) or "none (an English-only checkpoint)"
+        raise ValueError(f"Unknown language {language!r}; this model's languages: {known}.")
+    return lang_to_id[f"<|{code}|>"]
+
+
+def text_decoder_prompt(generation_config: GenerationConfig, language: str) -> list[int]:
+    """Decoder prompt for text output in `language`:
+    <|startoftranscript|><|language|><|transcribe|><|notimestamps|>."""
+    return [
+        generation_config.decoder_start_token_id,
+        language_token_id(generation_config, language),
+        generation_config.task_to_id[TEXT_TASK],
+        generation_config.no_timestamps_token_id,
+    ]
 
 
 class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
@@ -348,10 +439,154 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         self.conv2 = nn.Conv1d(embed_dim, embed_dim, kernel_size=3, stride=ENCODER_DOWNSAMPLING, padding=1)
         self.embed_positions = nn.Embedding(self.max_source_positions, embed_dim)
         self.embed_positions.requires_grad_(False)
+        if config.text_frontend:
+            self.embed_text_tokens = nn.Embedding(config.vocab_size, embed_dim, self.padding_idx)
+            self.embed_text_positions = nn.Embedding(config.max_text_positions, embed_dim)
         self.layers = nn.ModuleList([WhisperMoEEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(embed_dim)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        """Audio: `input_features` (batch, num_mel_bins, 3000) -> last_hidden_state (batch, 1500, d_model), Whisper's
+        encoder. Text (`config.text_frontend`): `input_ids` (batch, text_len) and `attention_mask` (batch, text_len),
+        1 = real token -> `WhisperMoETextEncoderOutput`, last_hidden_state (batch, text_len, d_model)."""
+        if input_ids is None and self.config.variable_length_audio:
+            return self.forward_variable_length(input_features, attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            return super().forward(input_features, attention_mask=attention_mask, **kwargs)
+        if input_features is not None:
+            raise ValueError("Pass the encoder either input_features (audio) or input_ids (text), not both.")
+        return self.forward_text(input_ids, attention_mask=attention_mask, **kwargs)
+
+    def embed_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text front-end: (batch, text_len) ids -> (batch, text_len, d_model), token embedding plus learned position.
+
+        Positions count real tokens only, so left and right padding give the real tokens the same inputs.
+        """
+        if not self.config.text_frontend:
+            raise ValueError(
+                "This model has no text front-end (config.text_frontend=False); add one with "
+                "WhisperMoEForConditionalGeneration.add_text_frontend()."
+            )
+        if input_ids.shape[1] > self.config.max_text_positions:
+            raise ValueError(
+                f"input_ids have {input_ids.shape[1]} tokens, more than max_text_positions="
+                f"{self.config.max_text_positions}."
+            )
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, text_len)
+        return self.embed_text_tokens(input_ids) * self.embed_scale + self.embed_text_positions(position_ids)
+
+    @capture_outputs
+    def forward_text(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> "WhisperMoETextEncoderOutput":
+        """(batch, text_len) ids and mask -> last_hidden_state (batch, text_len, d_model); padding is masked out of
+        self-attention and the mask is returned with the output for the decoder's cross-attention."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden_states = self.embed_text(input_ids, attention_mask)
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+        self_attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        for encoder_layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
+        return WhisperMoETextEncoderOutput(
+            last_hidden_state=self.layer_norm(hidden_states), attention_mask=attention_mask
+        )
+
+    @capture_outputs
+    def forward_variable_length(
+        self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> "WhisperMoEEncoderOutput":
+        """Encode only real mel frames (`config.variable_length_audio`).
+
+        input_features (batch, num_mel_bins, frames <= 3000) and attention_mask (batch, frames), 1 = real frame ->
+        last_hidden_state (batch, seq_len, d_model) with seq_len = ceil(longest clip's frames / 2), zeros past each
+        clip's end, and attention_mask (batch, seq_len) of real positions for the decoder's cross-attention. With
+        `config.pack_audio` the clips run packed (see packing.py); either way each clip's output is what it would
+        get alone.
+        """
+        batch_size, _, frames = input_features.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, frames, dtype=torch.long, device=input_features.device)
+        frame_lengths = attention_mask.sum(-1)
+        if bool((frame_lengths == 0).any()):
+            raise ValueError("A clip has no real mel frames (its attention_mask row is all zeros).")
+        longest = int(frame_lengths.max())
+        frame_mask = attention_mask[:, None, :longest].to(input_features.dtype)  # (batch, 1, longest)
+        # zero what lies past each clip after every convolution, so edges see the zeros they would see alone
+        hidden_states = F.gelu(self.conv1(input_features[..., :longest] * frame_mask)) * frame_mask
+        hidden_states = F.gelu(self.conv2(hidden_states)).transpose(1, 2)  # (batch, seq_len, d_model)
+        seq_len = hidden_states.shape[1]
+        if seq_len > self.max_source_positions:
+            raise ValueError(
+                f"{longest} mel frames need {seq_len} encoder positions, more than max_source_positions="
+                f"{self.max_source_positions} (30 s); transcribe longer audio in chunks (chunk_length_s=30)."
+            )
+        lengths = (frame_lengths + ENCODER_DOWNSAMPLING - 1) // ENCODER_DOWNSAMPLING  # (batch,)
+        real = torch.arange(seq_len, device=lengths.device)[None] < lengths[:, None]  # (batch, seq_len)
+        hidden_states = hidden_states + self.embed_positions.weight[:seq_len]
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+        packing = plan_packing(lengths, seq_len, self.max_source_positions) if self.config.pack_audio else None
+        if packing is not None:
+            hidden_states = pack(hidden_states, packing)  # (rows, row_len, d_model)
+            keep, router_mask = block_diagonal_mask(packing), packing.real
+        else:
+            keep, router_mask = real[:, None, None, :].expand(-1, 1, seq_len, -1), real
+        self_attention_mask = self._attention_mask(keep, hidden_states.dtype)
+        for encoder_layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
+        hidden_states = self.layer_norm(hidden_states)
+        if packing is not None:
+            hidden_states = unpack(hidden_states, packing, batch_size, seq_len)
+        else:
+            hidden_states = hidden_states * real[..., None].to(hidden_states.dtype)
+        return WhisperMoEEncoderOutput(
+            last_hidden_state=hidden_states, attention_mask=real.long(), router_mask=router_mask.reshape(-1).long()
+        )
+
+    def _attention_mask(self, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A (batch, 1, q, k) bool mask, True = attend, in the form this model's attention implementation takes."""
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa":
+            return keep
+        if implementation == "eager":
+            return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+        raise ValueError(
+            f"variable_length_audio runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}."
+        )
+
+
+@dataclass
+class WhisperMoEEncoderOutput(BaseModelOutput):
+    """The encoder's output for variable-length audio.
+
+    attention_mask: (batch, seq_len), 1 on real positions; the decoder's cross-attention skips the rest.
+    router_mask: (routed tokens,), 1 on the tokens the router losses count (packed rows or padded clips).
+    """
+
+    attention_mask: torch.Tensor | None = None
+    router_mask: torch.Tensor | None = None
+
+
+@dataclass
+class WhisperMoETextEncoderOutput(BaseModelOutput):
+    """The encoder's output for text input, with the mask of its real positions, (batch, text_len), 1 = real. The
+    mask travels with the output (through generate too) so the decoder's cross-attention skips padding."""
+
+    attention_mask: torch.Tensor | None = None
 
 
 class WhisperMoEDecoder(WhisperMoEPreTrainedModel, WhisperDecoder):
@@ -385,6 +620,8 @@ class WhisperMoEModelOutput(Seq2SeqModelOutput):
 
     encoder_router_logits: tuple[torch.Tensor, ...] | None = None
     decoder_router_logits: tuple[torch.Tensor, ...] | None = None
+    encoder_attention_mask: torch.Tensor | None = None  # (batch, text_len) for text input; None for audio
+    encoder_router_mask: torch.Tensor | None = None  # (routed tokens,) for variable-length audio
 
 
 @dataclass
@@ -410,6 +647,8 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
         WhisperMoEPreTrainedModel.__init__(self, config)
         self.encoder = WhisperMoEEncoder(config)
         self.decoder = WhisperMoEDecoder(config)
+        if config.quantization is not None:  # an int8 folder: build its int8 modules before loading fills them
+            quantize_model(self)
         self.post_init()
 
     def forward(
@@ -424,19 +663,31 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
         decoder_position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        input_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> WhisperMoEModelOutput:
         """Whisper's forward; with `output_router_logits` it also returns each sparse layer's router logits.
 
-        input_features: (batch, num_mel_bins, 3000) log-mel; decoder_input_ids: (batch, tgt_len).
+        input_features: (batch, num_mel_bins, 3000) log-mel; decoder_input_ids: (batch, tgt_len). Text instead of
+        audio (`config.text_frontend`): input_ids (batch, text_len) with attention_mask (batch, text_len).
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        if encoder_outputs is None:
+        if encoder_outputs is None and input_ids is not None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, output_router_logits=output_router_logits, **kwargs
+            )
+        elif encoder_outputs is None:
             input_features = self._mask_input_features(input_features, attention_mask=attention_mask)
-            encoder_outputs = self.encoder(input_features, output_router_logits=output_router_logits, **kwargs)
+            encoder_mask = attention_mask if self.config.variable_length_audio else None
+            encoder_outputs = self.encoder(
+                input_features, attention_mask=encoder_mask, output_router_logits=output_router_logits, **kwargs
+            )
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
+        encoder_mask = encoder_outputs.get("attention_mask")  # set by the text front-end only
+        if encoder_mask is not None:
+            kwargs["encoder_padding_mask"] = encoder_mask
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -459,6 +710,8 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
             encoder_attentions=encoder_outputs.attentions,
             encoder_router_logits=encoder_outputs.get("router_logits"),
             decoder_router_logits=decoder_outputs.get("router_logits"),
+            encoder_attention_mask=encoder_mask,
+            encoder_router_mask=encoder_outputs.get("router_mask"),
         )
 
 
@@ -471,18 +724,25 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         self.model = WhisperMoEModel(config)
         self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.max_target_positions = config.max_target_positions
+        if config.quantization is not None:  # an int8 folder: build its int8 modules before loading fills them
+            quantize_model(self)
         self.post_init()
 
     @classmethod
     def from_dense(
-        cls, dense: "WhisperForConditionalGeneration | str | os.PathLike", seed: int = 0, **moe_options
+        cls,
+        dense: "WhisperForConditionalGeneration | str | os.PathLike",
+        seed: int = 0,
+        text_frontend: bool = False,
+        max_text_positions: int | None = None,
+        **moe_options,
     ) -> "WhisperMoEForConditionalGeneration":
         """Upcycle a dense Whisper (a `WhisperForConditionalGeneration` or a folder / Hub id holding one).
 
         `moe_options` are WhisperMoEConfig fields (num_experts, num_experts_per_tok, encoder_sparse_layers, ...).
         Every expert is a copy of the dense feed-forward block and routers are drawn with `seed`, so the result's
         logits equal the source's. The source's generation config (languages, tasks, suppressed tokens, alignment
-        heads) comes along.
+        heads) comes along. `text_frontend=True` adds a text front-end (see `add_text_frontend`).
         """
         if not isinstance(dense, WhisperForConditionalGeneration):
             dense = WhisperForConditionalGeneration.from_pretrained(dense)
@@ -499,13 +759,160 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
         model.generation_config = copy.deepcopy(dense.generation_config)
+        if text_frontend:
+            model.add_text_frontend(max_text_positions)
         return model.to(dense.dtype).train(dense.training)
+
+    def add_text_frontend(self, max_text_positions: int | None = None) -> "WhisperMoEForConditionalGeneration":
+        """Give the encoder a text front-end and set `config.text_frontend`; returns the model.
+
+        The token embedding and the first `max_text_positions` positions start as copies of the decoder's: Whisper's
+        tokenizer serves both sides, so the encoder reads the same ids with embeddings that already mean something.
+        """
+        if self.config.text_frontend:
+            raise ValueError("This model already has a text front-end (config.text_frontend=True).")
+        max_text_positions = max_text_positions or self.config.max_text_positions
+        decoder, encoder = self.model.decoder, self.model.encoder
+        if not 1 <= max_text_positions <= decoder.embed_positions.num_embeddings:
+            raise ValueError(
+                f"max_text_positions must be between 1 and the decoder's {decoder.embed_positions.num_embeddings} "
+                f"positions it is copied from, got {max_text_positions}."
+            )
+        self.config.text_frontend, self.config.max_text_positions = True, max_text_positions
+        tokens = decoder.embed_tokens.weight.detach().clone()
+        positions = decoder.embed_positions.weight[:max_text_positions].detach().clone()
+        encoder.embed_text_tokens = nn.Embedding.from_pretrained(tokens, freeze=False, padding_idx=encoder.padding_idx)
+        encoder.embed_text_positions = nn.Embedding.from_pretrained(positions, freeze=False)
+        return self
+
+    def generate(self, input_features: torch.Tensor | None = None, *args, input_ids=None, **kwargs):
+        """Whisper's generate for audio (`input_features`, every Whisper option). For text (`input_ids` (batch,
+        text_len) with `attention_mask`, `config.text_frontend`) see `generate_from_text`."""
+        if input_ids is None and self.config.variable_length_audio:
+            return self.generate_variable_length(input_features, *args, **kwargs)
+        if input_ids is None:
+            return super().generate(input_features, *args, **kwargs)
+        if input_features is not None or args:
+            raise ValueError("generate takes either input_features (audio) or input_ids (text), not both.")
+        return self.generate_from_text(input_ids, **kwargs)
+
+    @torch.no_grad()
+    def generate_from_text(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        language: str | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Text in, text out: the decoder is prompted <|startoftranscript|><|language|><|transcribe|><|notimestamps|>
+        and decodes with transformers' generic `generate` (greedy or beam search; `kwargs` are its options).
+
+        input_ids, attention_mask: (batch, text_len), 1 = real token. language: the output's ("de", "german").
+        Returns (batch, prompt + new tokens) ids, prompt included.
+        """
+        if language is None:
+            raise ValueError("Text generation needs the output's language, e.g. language='de'.")
+        prompt = text_decoder_prompt(generation_config or self.generation_config, language)
+        generation_config, model_kwargs = self._text_generation_config(generation_config, len(prompt), **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        decoder_input_ids = torch.tensor([prompt], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return GenerationMixin.generate(
+            self,
+            encoder_outputs=encoder_outputs,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+
+    @torch.no_grad()
+    def generate_variable_length(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        language: str | None = None,
+        task: str | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Transcribe or translate with `config.variable_length_audio`: only real frames are encoded (packed), then
+        the decoder is prompted <|startoftranscript|>[<|language|><|task|>]<|notimestamps|> and decodes greedily or
+        with beam search (`kwargs` are transformers' generate options).
+
+        input_features (batch, num_mel_bins, frames), attention_mask (batch, frames), 1 = real frame. A multilingual
+        model detects each clip's language unless `language` is given. Returns (batch, new tokens) ids.
+        """
+        for option in ("return_timestamps", "return_token_timestamps", "return_segments", "prompt_ids"):
+            if kwargs.pop(option, None):
+                raise ValueError(f"{option} is not available with variable_length_audio (no 30 s windows).")
+        generation_config = generation_config or self.generation_config
+        encoder_outputs = self.get_encoder()(input_features, attention_mask=attention_mask)
+        prompt = self._audio_prompt(encoder_outputs, generation_config, language, task)  # (batch, prompt_len)
+        config, model_kwargs = self._text_generation_config(generation_config, prompt.shape[1], **kwargs)
+        sequences = GenerationMixin.generate(
+            self,
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=prompt,
+            generation_config=config,
+            **model_kwargs,
+        )
+        return sequences[:, prompt.shape[1] :]
+
+    def _audio_prompt(
+        self,
+        encoder_outputs: BaseModelOutput,
+        generation_config: GenerationConfig,
+        language: str | None,
+        task: str | None,
+    ) -> torch.LongTensor:
+        """(batch, prompt_len) decoder prompt; the language token per clip, detected when not given."""
+        batch_size = encoder_outputs.last_hidden_state.shape[0]
+        device = encoder_outputs.last_hidden_state.device
+        start = torch.full((batch_size, 1), generation_config.decoder_start_token_id, device=device)
+        no_timestamps = torch.full((batch_size, 1), generation_config.no_timestamps_token_id, device=device)
+        if not getattr(generation_config, "is_multilingual", False):
+            if language not in (None, "en", "english") or task not in (None, "transcribe"):
+                raise ValueError("This English-only model transcribes English; it takes no language or task.")
+            return torch.cat([start, no_timestamps], dim=1)
+        language = language or getattr(generation_config, "language", None)
+        if language is None:
+            languages = self.detect_language(encoder_outputs=encoder_outputs, generation_config=generation_config)
+        else:
+            languages = torch.full((batch_size,), language_token_id(generation_config, language), device=device)
+        task = task or getattr(generation_config, "task", None) or "transcribe"
+        if task not in generation_config.task_to_id:
+            raise ValueError(f"Unknown task {task!r}; choose one of {sorted(generation_config.task_to_id)}.")
+        task_ids = torch.full((batch_size, 1), generation_config.task_to_id[task], device=device)
+        return torch.cat([start, languages[:, None].to(start.dtype), task_ids, no_timestamps], dim=1)
+
+    def _text_generation_config(
+        self, generation_config: GenerationConfig | None, prompt_length: int, **kwargs
+    ) -> tuple[GenerationConfig, dict]:
+        """A copy of the generation config set up for text output and updated with `kwargs`; returns it and the
+        kwargs that are no generation option (model inputs)."""
+        config = copy.deepcopy(generation_config or self.generation_config)
+        model_kwargs = config.update(**kwargs)
+        # Whisper's audio-only settings that the generic generate would misapply; timestamps never belong in text
+        config.forced_decoder_ids = None
+        config.begin_suppress_tokens = None
+        timestamps = range(config.no_timestamps_token_id + 1, self.config.vocab_size)
+        config.suppress_tokens = [*(config.suppress_tokens or []), *timestamps]
+        # the decoder has max_target_positions positions, the prompt's included
+        room = self.config.max_target_positions - prompt_length
+        if config.max_new_tokens is not None:
+            config.max_new_tokens, config.max_length = min(config.max_new_tokens, room), None
+        else:
+            config.max_length = min(config.max_length or room, self.config.max_target_positions)
+        return config, model_kwargs
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Write a self-contained Hub folder: weights, config with `auto_map` and `custom_pipelines`, the code, and a
         model card (kept if the folder already has a README.md). Files land atomically."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
+        self.config.custom_pipelines = merged_custom_pipelines(self.config, save_directory)
         with atomic_directory(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)
             copy_hub_code(staging)
@@ -526,6 +933,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> WhisperMoEOutput:
         """Whisper's forward plus router losses.
@@ -535,6 +943,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         whole accumulated batch: the cross-entropy is summed and divided by it, and the router losses are weighted by
         this micro-batch's share of it, so the update does not depend on how the batch was split.
         `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of the encoder's router losses.
+        With text input (`input_ids`, batch x text_len) it marks real tokens instead.
         """
         if labels is not None:
             if labels.shape[1] > self.max_target_positions:
@@ -559,6 +968,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
             decoder_position_ids=decoder_position_ids,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            input_ids=input_ids,
             **kwargs,
         )
         logits = self.proj_out(outputs.last_hidden_state)
@@ -610,6 +1020,10 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         """Load-balancing and z-losses of encoder and decoder, padding masked, and their weighted sum."""
         config = self.config
         encoder_mask = attention_mask[:, ::ENCODER_DOWNSAMPLING] if attention_mask is not None else None
+        if outputs.encoder_attention_mask is not None:  # text input: the mask already covers encoder positions
+            encoder_mask = outputs.encoder_attention_mask
+        if outputs.encoder_router_mask is not None:  # variable-length audio: the tokens the router saw
+            encoder_mask = outputs.encoder_router_mask[None]
         if decoder_attention_mask is None and labels is not None:
             decoder_attention_mask = labels != IGNORE_INDEX
         losses = {"aux_loss": None}
@@ -634,6 +1048,9 @@ __all__ = [
     "WhisperMoEPreTrainedModel",
     "WhisperMoEModel",
     "WhisperMoEForConditionalGeneration",
+    "WhisperMoETextEncoderOutput",
+    "language_token_id",
     "load_balancing_loss",
     "router_z_loss",
+    "text_decoder_prompt",
 ]

@@ -13,9 +13,19 @@ from transformers import Seq2SeqTrainer
 
 from .modeling_whisper_moe import IGNORE_INDEX, expert_shares, token_weights
 
-TRAINING_MODES = ("full", "freeze_encoder", "experts", "lora")
+TRAINING_MODES = ("full", "freeze_encoder", "experts", "attention", "lora")
 # Parameter-name fragments of what "experts" mode trains: routed experts, routers, shared experts.
 EXPERT_PARAMETERS = (".mlp.experts.", ".mlp.router.", ".mlp.shared_experts.")
+# What "attention" mode keeps fixed: routed and shared experts, token embeddings (the decoder's is tied to proj_out),
+# the audio convolutions.
+FROZEN_IN_ATTENTION_MODE = (
+    ".mlp.experts.",
+    ".mlp.shared_experts.",
+    "embed_tokens.",
+    "embed_text_tokens.",
+    "proj_out.",
+    "encoder.conv",
+)
 LORA_ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_EXPERT_PARAMETERS = ["experts.fc1_weight", "experts.fc2_weight"]
 
@@ -28,6 +38,10 @@ def apply_training_mode(
     - "full": every parameter.
     - "freeze_encoder": the decoder only; the encoder is a fixed feature extractor (cheaper backward).
     - "experts": routed experts, routers and shared experts; attention, embeddings and norms stay as upcycled.
+    - "attention": attention projections, layer norms, routers and learned positions; experts and token embeddings
+      stay as they are. It skips the weight gradients and optimizer state of nearly all parameters (experts, the
+      vocabulary-sized embeddings and output projection), for a new input that mainly needs new attention, e.g. the
+      text front-end, whose token embedding starts as a copy of the decoder's.
     - "lora": low-rank adapters on every attention projection and on the stacked expert weights; the base stays
       frozen, and `merge_and_unload()` folds the adapters back into a plain WhisperMoE.
     """
@@ -40,6 +54,8 @@ def apply_training_mode(
             parameter.requires_grad = not name.startswith("model.encoder.")
         elif mode == "experts":
             parameter.requires_grad = any(fragment in name for fragment in EXPERT_PARAMETERS)
+        elif mode == "attention":
+            parameter.requires_grad = not any(fragment in name for fragment in FROZEN_IN_ATTENTION_MODE)
         else:
             parameter.requires_grad = True
     # Whisper keeps its sinusoidal encoder positions fixed in every mode

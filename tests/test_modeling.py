@@ -7,7 +7,7 @@ from conftest import TINY, TINY_FRAMES, tiny_dense_config, tiny_moe, tiny_moe_co
 from transformers import WhisperForConditionalGeneration
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, load_balancing_loss
-from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
+from modeling_whisper_moe.modeling_whisper_moe import EXPERTS_FUNCTIONS, WhisperMoESparseBlock
 
 
 def _inputs(batch: int = 2, tgt_len: int = 5, seed: int = 0):
@@ -60,23 +60,51 @@ def test_sparse_block_matches_naive_top_k_mixture():
     torch.testing.assert_close(block(hidden), expected.reshape(3, 7, 16), atol=1e-5, rtol=1e-5)
 
 
-def test_expert_implementations_give_the_same_outputs_and_gradients():
+@pytest.mark.parametrize("implementation", ["loop", "grouped_mm", "batched_mm"])
+def test_expert_implementations_give_the_same_outputs_and_gradients(implementation):
+    """Every implementation matches the default grouped dispatch, in outputs and in input, weight and bias grads."""
     torch.manual_seed(0)
     tokens = torch.randn(3000, 16)
     top_k_index = torch.randint(0, 4, (3000, 2))
-    top_k_weights = torch.rand(3000, 2)
+    top_k_weights = torch.rand(3000, 2, requires_grad=True)
     results = {}
-    for implementation in ("grouped", "loop"):
+    for name in ("grouped", implementation):
         torch.manual_seed(1)
-        block = WhisperMoESparseBlock(tiny_moe_config(experts_implementation=implementation), ffn_dim=24)
+        block = WhisperMoESparseBlock(tiny_moe_config(experts_implementation=name), ffn_dim=24)
         for parameter in block.parameters():
             torch.nn.init.normal_(parameter, std=0.3)
         inputs = tokens.clone().requires_grad_(True)
-        out = block.experts(inputs, top_k_index, top_k_weights)
+        weights = top_k_weights.detach().clone().requires_grad_(True)
+        out = block.experts(inputs, top_k_index, weights)
         out.square().sum().backward()
-        results[implementation] = (out, inputs.grad, block.experts.fc1_weight.grad, block.experts.fc2_bias.grad)
-    for grouped, loop in zip(results["grouped"], results["loop"]):
-        torch.testing.assert_close(grouped, loop, atol=1e-4, rtol=1e-4)
+        experts = block.experts
+        results[name] = (out, inputs.grad, weights.grad, experts.fc1_weight.grad, experts.fc2_weight.grad)
+        results[name] += (experts.fc1_bias.grad, experts.fc2_bias.grad)
+    for grouped, other in zip(results["grouped"], results[implementation], strict=True):
+        # weight gradients sum thousands of tokens: compare at float32 accumulation-order precision of their scale
+        torch.testing.assert_close(other, grouped, atol=1e-5 * grouped.abs().max().item(), rtol=1e-4)
+
+
+def test_experts_implementation_is_switchable_after_a_dense_whisper_was_built(tmp_path):
+    """transformers caches 'cannot set experts implementation' on WhisperPreTrainedModel once a dense Whisper is
+    built; the MoE must still honour from_pretrained(experts_implementation=...) and set_experts_implementation."""
+    WhisperForConditionalGeneration(tiny_dense_config())
+    tiny_moe().save_pretrained(tmp_path)
+    model = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path, experts_implementation="batched_mm")
+    features, labels = _inputs()
+    calls = []
+    original = EXPERTS_FUNCTIONS["batched_mm"]
+    EXPERTS_FUNCTIONS["batched_mm"] = lambda *args: calls.append(1) or original(*args)
+    try:
+        reference = model(features, labels=labels).logits
+        assert calls, "batched_mm was requested but never ran"
+        model.set_experts_implementation("loop")
+        assert model.config._experts_implementation == "loop"
+        torch.testing.assert_close(model(features, labels=labels).logits, reference, atol=1e-5, rtol=1e-5)
+    finally:
+        EXPERTS_FUNCTIONS["batched_mm"] = original
+    with pytest.raises(ValueError, match="magic"):
+        WhisperMoEForConditionalGeneration.from_pretrained(tmp_path, experts_implementation="magic")
 
 
 def test_gradients_reach_routers_and_experts():

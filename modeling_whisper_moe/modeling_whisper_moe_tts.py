@@ -1,0 +1,413 @@
+"""WhisperMoE text-to-speech: text in through the encoder's text front-end, Whisper log-mel frames out.
+
+A parallel (non-autoregressive) model in the FastSpeech mould, built from the family's own parts:
+
+    token ids -> WhisperMoEEncoder (text front-end + MoE layers) -> + speaker embedding
+              -> duration predictor: frames per token
+              -> length regulator: each token's encoding repeated over its frames, plus where in the token and in
+                 the utterance each frame sits
+              -> MoE decoder layers (self-attention over all frames, cross-attention to the text) -> mel head
+              -> optional residual post-net -> (batch, frames, num_mel_bins) in Whisper's log-mel scaling
+
+Each decoder position predicts `tts_reduction_factor` consecutive frames (Tacotron's reduction factor), which
+divides the decoder's work by that factor; token durations are then whole multiples of it.
+
+Training uses known durations (frames per token); generation predicts them, so the output length is decided up
+front and every frame is computed in one pass. [`vocoder.py`](vocoder.py) turns the frames into audio.
+"""
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .configuration_whisper_moe import WhisperMoEConfig
+from .hub import AUTO_MAP, atomic_directory, copy_hub_code, merged_custom_pipelines
+from .modeling_whisper_moe import (
+    WhisperMoEDecoderLayer,
+    WhisperMoEEncoder,
+    WhisperMoEPreTrainedModel,
+    WhisperMoERouter,
+    load_balancing_loss,
+    router_z_loss,
+)
+
+MAX_FRAMES_PER_TOKEN = 150  # 1.5 s: no single text token is spoken longer; caps runaway duration predictions
+POSTNET_KERNEL = 5  # frames each post-net convolution sees (Tacotron 2)
+DURATION_KERNEL = 3  # tokens each duration-predictor convolution sees
+MAX_TIMESCALE = 10_000.0  # longest period of the sinusoidal position features, as in Whisper and the Transformer
+TTS_CLASS = "modeling_whisper_moe_tts.WhisperMoEForTextToSpeech"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) positions: (...,) -> (..., dim), sines then cosines."""
+    half = dim // 2
+    inv_timescales = torch.exp(-math.log(MAX_TIMESCALE) * torch.arange(half, device=positions.device) / (half - 1))
+    scaled = positions.float()[..., None] * inv_timescales  # (..., half)
+    return torch.cat([scaled.sin(), scaled.cos()], dim=-1)
+
+
+def padding_bias(key_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask that hides padded keys: (batch, key_len) 1/0 -> (batch, 1, query_len, key_len).
+
+    Always a tensor, never None: with no mask the attention code would fall back to the decoder layer's causal
+    default, and the mel decoder must see every frame.
+    """
+    hidden = (key_mask == 0)[:, None, None, :].expand(-1, 1, query_len, -1)
+    return torch.zeros(hidden.shape, dtype=dtype, device=key_mask.device).masked_fill(hidden, torch.finfo(dtype).min)
+
+
+def expand_to_frames(durations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The length regulator's bookkeeping for (batch, text_len) frames per token (0 on padding).
+
+    Returns, each (batch, frames) with frames = the longest total: the token index of every frame, the frames since
+    its token began, the frames left in its token after it, and the mask of real frames.
+    """
+    ends = durations.cumsum(dim=-1)  # (batch, text_len)
+    total = ends[:, -1]  # (batch,)
+    frames = torch.arange(int(total.max()), device=durations.device)  # (frames,)
+    token_index = torch.searchsorted(ends, frames.expand(len(durations), -1).contiguous(), right=True)
+    token_index = token_index.clamp(max=durations.shape[1] - 1)  # padding frames point at the last token
+    starts = (ends - durations).gather(1, token_index)
+    offset = frames[None] - starts
+    remaining = durations.gather(1, token_index) - offset - 1
+    frame_mask = (frames[None] < total[:, None]).long()
+    return token_index, offset.clamp(min=0), remaining.clamp(min=0), frame_mask
+
+
+@contextlib.contextmanager
+def recording_router_logits(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the (tokens, num_experts) logits of every router inside `module` while the block runs."""
+    logits: list[torch.Tensor] = []
+    handles = [
+        router.register_forward_hook(lambda _module, _inputs, output: logits.append(output[0]))
+        for router in module.modules()
+        if isinstance(router, WhisperMoERouter)
+    ]
+    try:
+        yield logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over positions where `mask` (broadcastable to values' leading dims) is 1."""
+    while mask.dim() < values.dim():
+        mask = mask[..., None]
+    mask = mask.to(values.dtype).expand_as(values)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DurationPredictor(nn.Module):
+    """FastSpeech's duration predictor: (batch, text_len, d_model) -> log(1 + frames) per token, (batch, text_len)."""
+
+    def __init__(self, config: WhisperMoEConfig):
+        super().__init__()
+        width = config.d_model
+        self.convs = nn.ModuleList(
+            [nn.Conv1d(width, width, DURATION_KERNEL, padding=DURATION_KERNEL // 2) for _ in range(2)]
+        )
+        self.norms = nn.ModuleList([nn.LayerNorm(width) for _ in range(2)])
+        self.dropout = config.dropout
+        self.proj = nn.Linear(width, 1)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask[..., None].to(hidden_states.dtype)
+        for conv, norm in zip(self.convs, self.norms):
+            # zero padding first, so real tokens next to it do not read another sequence's filler
+            hidden_states = F.relu(conv((hidden_states * mask).transpose(1, 2))).transpose(1, 2)
+            hidden_states = F.dropout(norm(hidden_states), p=self.dropout, training=self.training)
+        return self.proj(hidden_states).squeeze(-1) * mask.squeeze(-1)
+
+
+class PostNet(nn.Module):
+    """Tacotron 2's residual post-net: convolutions over time that add detail to the coarse mel prediction."""
+
+    def __init__(self, config: WhisperMoEConfig):
+        super().__init__()
+        channels = [config.num_mel_bins] + [config.d_model] * (config.tts_postnet_layers - 1) + [config.num_mel_bins]
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv1d(c_in, c_out, POSTNET_KERNEL, padding=POSTNET_KERNEL // 2)
+                for c_in, c_out in zip(channels, channels[1:])
+            ]
+        )
+        self.dropout = config.dropout
+
+    def forward(self, mel: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, num_mel_bins) and its (batch, frames) mask -> the same, refined."""
+        # padding frames are zeroed before every convolution, or they would leak into real frames at the edges
+        mask = frame_mask[:, None, :].to(mel.dtype)
+        hidden_states = mel.transpose(1, 2) * mask
+        for index, conv in enumerate(self.convs):
+            hidden_states = conv(hidden_states)
+            if index < len(self.convs) - 1:
+                hidden_states = F.dropout(torch.tanh(hidden_states), p=self.dropout, training=self.training) * mask
+        return mel + hidden_states.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WhisperMoETextToSpeechOutput(ModelOutput):
+    """Output of [`WhisperMoEForTextToSpeech`].
+
+    loss: mel_loss + tts_duration_loss_coef * duration_loss + aux_loss (given labels and durations).
+    spectrogram: (batch, frames, num_mel_bins) predicted log-mel (after the post-net when there is one).
+    log_durations: (batch, text_len) predicted log(1 + frames) per token.
+    frames_mask: (batch, frames), 1 on real frames.
+    aux_loss and its unweighted parts: the router losses, as in [`WhisperMoEOutput`].
+    """
+
+    loss: torch.Tensor | None = None
+    spectrogram: torch.Tensor | None = None
+    log_durations: torch.Tensor | None = None
+    frames_mask: torch.Tensor | None = None
+    mel_loss: torch.Tensor | None = None
+    duration_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    encoder_aux_loss: torch.Tensor | None = None
+    decoder_aux_loss: torch.Tensor | None = None
+    encoder_z_loss: torch.Tensor | None = None
+    decoder_z_loss: torch.Tensor | None = None
+
+
+class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
+    """Text -> Whisper log-mel frames with the WhisperMoE encoder and MoE decoder layers (see the module docstring).
+
+    Needs `config.text_frontend=True` (the encoder's text front-end). The encoder's audio front-end stays in place,
+    unused here, so the same encoder weights can serve speech recognition.
+    """
+
+    main_input_name = "input_ids"
+    _no_split_modules = ["WhisperMoEEncoderLayer", "WhisperMoEDecoderLayer"]
+
+    def __init__(self, config: WhisperMoEConfig):
+        if not config.text_frontend:
+            raise ValueError("WhisperMoEForTextToSpeech reads text: it needs config.text_frontend=True, got False.")
+        super().__init__(config)
+        self.encoder = WhisperMoEEncoder(config)
+        speaker_dim = config.tts_speaker_embedding_dim
+        self.speaker_projection = nn.Linear(speaker_dim, config.d_model) if speaker_dim > 0 else None
+        self.duration_predictor = DurationPredictor(config)
+        # where a frame sits inside its token (frames since its start, frames to its end) -> d_model
+        self.progress_projection = nn.Linear(2 * config.d_model, config.d_model)
+        self.decoder_layers = nn.ModuleList([WhisperMoEDecoderLayer(config, i) for i in range(config.decoder_layers)])
+        self.decoder_layer_norm = nn.LayerNorm(config.d_model)
+        self.mel_head = nn.Linear(config.d_model, config.tts_reduction_factor * config.num_mel_bins)
+        self.postnet = PostNet(config) if config.tts_postnet_layers > 0 else None
+        self.post_init()
+
+    def encode_text(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, speaker_embeddings: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(batch, text_len) ids -> (batch, text_len, d_model) encoding with the speaker added, and router logits."""
+        encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+        hidden_states = encoded.last_hidden_state
+        if self.speaker_projection is not None:
+            if speaker_embeddings is None:
+                # no speaker: the zero vector, which training shows the model as "any voice"
+                speaker_embeddings = hidden_states.new_zeros(len(hidden_states), self.config.tts_speaker_embedding_dim)
+            if speaker_embeddings.shape != (len(hidden_states), self.config.tts_speaker_embedding_dim):
+                raise ValueError(
+                    f"speaker_embeddings must be (batch, {self.config.tts_speaker_embedding_dim}) = "
+                    f"({len(hidden_states)}, {self.config.tts_speaker_embedding_dim}), "
+                    f"got {tuple(speaker_embeddings.shape)}."
+                )
+            speaker = self.speaker_projection(speaker_embeddings.to(hidden_states.dtype))
+            hidden_states = hidden_states + speaker[:, None]
+        elif speaker_embeddings is not None:
+            raise ValueError("This model takes no speaker embedding (config.tts_speaker_embedding_dim=0).")
+        return hidden_states, tuple(encoded.get("router_logits") or ())
+
+    def decode_frames(
+        self, text_states: torch.Tensor, attention_mask: torch.Tensor, durations: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Text encoding (batch, text_len, d_model) and frames per token (batch, text_len) -> log-mel
+        (batch, frames, num_mel_bins), frames mask (batch, frames), decoder-step mask (batch, frames / reduction)
+        and the decoder's router logits."""
+        reduction = self.config.tts_reduction_factor
+        durations = durations * attention_mask
+        if int(durations.sum(dim=-1).min()) < 1:
+            raise ValueError(
+                f"every sequence needs at least one frame; frame totals are {durations.sum(-1).tolist()}."
+            )
+        if bool((durations % reduction).any()):
+            raise ValueError(
+                f"durations must be multiples of tts_reduction_factor={reduction}, got {durations.tolist()}."
+            )
+        token_index, offset, remaining, step_mask = expand_to_frames(durations // reduction)  # per decoder step
+        width = self.config.d_model
+        hidden_states = text_states.gather(1, token_index[..., None].expand(-1, -1, width))
+        progress = torch.cat([sinusoids(offset, width), sinusoids(remaining, width)], dim=-1)
+        positions = torch.arange(step_mask.shape[1], device=step_mask.device)
+        hidden_states = hidden_states + self.progress_projection(progress) + sinusoids(positions, width)
+        hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
+        num_steps, dtype = hidden_states.shape[1], hidden_states.dtype
+        self_mask = padding_bias(step_mask, num_steps, dtype)
+        cross_mask = padding_bias(attention_mask, num_steps, dtype)
+        with recording_router_logits(self.decoder_layers) as router_logits:
+            for layer in self.decoder_layers:
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=self_mask,
+                    encoder_hidden_states=text_states,
+                    encoder_attention_mask=cross_mask,
+                    cache=None,
+                    use_cache=False,
+                )
+        mel = self.mel_head(self.decoder_layer_norm(hidden_states))  # (batch, steps, reduction * num_mel_bins)
+        mel = mel.reshape(len(mel), num_steps * reduction, self.config.num_mel_bins)
+        frame_mask = step_mask.repeat_interleave(reduction, dim=1)
+        if self.postnet is not None:
+            mel = self.postnet(mel, frame_mask)
+        return mel, frame_mask, step_mask, tuple(router_logits)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        durations: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        labels_mask: torch.Tensor | None = None,
+        speaker_embeddings: torch.Tensor | None = None,
+    ) -> WhisperMoETextToSpeechOutput:
+        """Teacher-forced pass.
+
+        input_ids, attention_mask: (batch, text_len); durations: (batch, text_len) frames per token (predicted when
+        None); labels: (batch, frames, num_mel_bins) target log-mel with labels_mask (batch, frames); speaker
+        embeddings: (batch, tts_speaker_embedding_dim). With labels and durations the loss is the masked L1 mel loss
+        plus the weighted duration and router losses.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_states, encoder_logits = self.encode_text(input_ids, attention_mask, speaker_embeddings)
+        log_durations = self.duration_predictor(text_states, attention_mask)
+        if durations is None:
+            durations = self.durations_from_log(log_durations, attention_mask)
+        mel, frame_mask, step_mask, decoder_logits = self.decode_frames(text_states, attention_mask, durations)
+        router_losses = self._router_losses(encoder_logits, attention_mask, decoder_logits, step_mask)
+        output = WhisperMoETextToSpeechOutput(
+            spectrogram=mel, log_durations=log_durations, frames_mask=frame_mask, **router_losses
+        )
+        if labels is not None:
+            if labels.shape[:2] != mel.shape[:2]:
+                raise ValueError(
+                    f"labels cover {labels.shape[1]} frames but the durations sum to {mel.shape[1]}; "
+                    "durations must count each label frame exactly once."
+                )
+            labels_mask = frame_mask if labels_mask is None else labels_mask
+            output.mel_loss = masked_mean((mel - labels).abs(), labels_mask)
+            target = torch.log1p(durations.float())
+            output.duration_loss = masked_mean((log_durations - target) ** 2, attention_mask)
+            loss = output.mel_loss + self.config.tts_duration_loss_coef * output.duration_loss
+            output.loss = loss + output.aux_loss if output.aux_loss is not None else loss
+        return output
+
+    def durations_from_log(
+        self, log_durations: torch.Tensor, attention_mask: torch.Tensor, speed: float = 1.0
+    ) -> torch.LongTensor:
+        """Predicted log(1 + frames) -> frames per token, (batch, text_len): a whole number of decoder steps, at
+        least one and at most MAX_FRAMES_PER_TOKEN."""
+        if speed <= 0:
+            raise ValueError(f"speed must be positive, got {speed}.")
+        reduction = self.config.tts_reduction_factor
+        steps = torch.round(torch.expm1(log_durations.float()) / speed / reduction)
+        steps = steps.clamp(1, MAX_FRAMES_PER_TOKEN // reduction).long()
+        return steps * reduction * attention_mask.long()
+
+    @torch.no_grad()
+    def generate_speech(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        speaker_embeddings: torch.Tensor | None = None,
+        speed: float = 1.0,
+    ) -> list[torch.Tensor]:
+        """Predict durations, then every frame at once: one (frames_i, num_mel_bins) log-mel per sequence.
+
+        speed > 1 speaks faster (durations divided by it). The length is fixed by the predicted durations, so
+        generation always stops.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        output = self.forward(input_ids, attention_mask, speaker_embeddings=speaker_embeddings)
+        if speed != 1.0:
+            durations = self.durations_from_log(output.log_durations, attention_mask, speed)
+            output = self.forward(input_ids, attention_mask, durations, speaker_embeddings=speaker_embeddings)
+        lengths = output.frames_mask.sum(dim=-1).tolist()
+        return [mel[:length] for mel, length in zip(output.spectrogram, lengths)]
+
+    def _router_losses(
+        self,
+        encoder_logits: tuple[torch.Tensor, ...],
+        attention_mask: torch.Tensor,
+        decoder_logits: tuple[torch.Tensor, ...],
+        frame_mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor | None]:
+        """Load-balancing and z-losses of the text encoder and mel decoder, padding masked, and their weighted sum."""
+        config = self.config
+        losses: dict[str, torch.Tensor | None] = {"aux_loss": None}
+        for side, logits, mask in (
+            ("encoder", encoder_logits, attention_mask),
+            ("decoder", decoder_logits, frame_mask),
+        ):
+            if not logits:
+                continue
+            balance = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, mask)
+            z_loss = router_z_loss(logits, mask)
+            losses[f"{side}_aux_loss"], losses[f"{side}_z_loss"] = balance, z_loss
+            weighted = config.router_aux_loss_coef * balance + config.router_z_loss_coef * z_loss
+            losses["aux_loss"] = weighted if losses["aux_loss"] is None else losses["aux_loss"] + weighted
+        return losses
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Write a self-contained Hub folder (weights, config with auto_map and custom_pipelines, code) atomically;
+        `AutoModel` and `AutoModelForTextToSpectrogram` load this class."""
+        tts_map = {"AutoModel": TTS_CLASS, "AutoModelForTextToSpectrogram": TTS_CLASS}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP, **tts_map}
+        self.config.custom_pipelines = merged_custom_pipelines(self.config, save_directory)
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            copy_hub_code(staging)
+            if not (Path(save_directory) / "README.md").exists():
+                (staging / "README.md").write_text(_model_card(self), encoding="utf-8")
+
+
+def _model_card(model: WhisperMoEForTextToSpeech) -> str:
+    config = model.config
+    return (
+        "---\nlibrary_name: transformers\npipeline_tag: text-to-audio\ntags: [whisper-moe, text-to-speech]\n---\n\n"
+        "# WhisperMoE text-to-speech\n\n"
+        f"A parallel text-to-speech model from the WhisperMoE family: {config.encoder_layers} text-encoder and "
+        f"{config.decoder_layers} mel-decoder layers of width {config.d_model}, {config.num_experts} experts "
+        f"(top-{config.num_experts_per_tok}) per sparse feed-forward block. It predicts 16 kHz Whisper log-mel "
+        "frames; the built-in Griffin-Lim vocoder turns them into audio.\n\n"
+        "```python\nfrom transformers import pipeline\n\n"
+        'tts = pipeline("text-to-audio", model="path/to/this/folder", trust_remote_code=True)\n'
+        'speech = tts("three one four one")  # {"audio": float32 array, "sampling_rate": 16000}\n```\n'
+    )
+
+
+__all__ = ["WhisperMoEForTextToSpeech", "WhisperMoETextToSpeechOutput"]
