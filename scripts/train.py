@@ -32,6 +32,13 @@ from modeling_whisper_moe.model_card import model_card  # noqa: E402
 from modeling_whisper_moe.training import TRAINING_MODES, WhisperMoETrainer, apply_training_mode  # noqa: E402
 from processing import SpeechSeq2SeqCollator, WaveformAugmenter, load_asr_dataset, prepare_dataset, read_manifest  # noqa: E402
 from processing.metrics import english_normalizer, make_compute_metrics  # noqa: E402
+from processing.text_data import (  # noqa: E402
+    TextPairCollator,
+    prepare_text_pairs,
+    read_text_pairs,
+    split_held_out,
+    write_held_out_ids,
+)
 
 DEFAULT_RECIPE = REPO_ROOT / "configuration" / "recipes" / "asr-finetune.json"
 SHUFFLE_BUFFER = 1_000  # examples held for shuffling a streamed training set
@@ -56,6 +63,9 @@ class ModelArguments:
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the config's value"})
     router_z_loss_coef: float | None = field(default=None, metadata={"help": "override the config's value"})
     router_jitter_noise: float | None = field(default=None, metadata={"help": "override the config's value"})
+    variable_length_audio: bool | None = field(
+        default=None, metadata={"help": "encode only real frames, clips packed (no 30 s padding); changes outputs"}
+    )
     language: str | None = field(default=None, metadata={"help": "language token for multilingual models, e.g. en"})
     task: str = field(default="transcribe", metadata={"help": "transcribe or translate (multilingual models)"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on GPU, fp32 on CPU), no"})
@@ -78,6 +88,15 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None)
     max_label_length: int = field(default=448, metadata={"help": "drop examples with longer labels"})
     augment: bool = field(default=False, metadata={"help": "gain / noise / speed augmentation of training audio"})
+    text_pairs_csv: str | None = field(
+        default=None, metadata={"help": "train text translation on this CSV of sentence pairs instead of speech"}
+    )
+    source_column: str = field(default="en", metadata={"help": "text_pairs_csv column translated from"})
+    target_column: str = field(default="de", metadata={"help": "text_pairs_csv column translated into"})
+    src_lang: str | None = field(default=None, metadata={"help": "source language token; default: source_column"})
+    tgt_lang: str | None = field(default=None, metadata={"help": "target language token; default: target_column"})
+    held_out_size: int = field(default=500, metadata={"help": "pairs held out (hashed ids), written to OUT"})
+    max_source_length: int = field(default=128, metadata={"help": "drop text pairs with longer source ids"})
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={"help": "processes for feature extraction; one is fastest on CPU (forked workers fight torch's "
@@ -137,7 +156,7 @@ def load_model(args: ModelArguments) -> tuple[torch.nn.Module, WhisperMoEProcess
     else:
         raise ValueError(f"{args.model_name_or_path} holds a {model_type!r} model; expected whisper or whisper_moe")
     if isinstance(model, WhisperMoEForConditionalGeneration):
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "variable_length_audio"):
             if getattr(args, name) is not None:
                 setattr(model.config, name, getattr(args, name))
         model.config.check_moe_fields()
@@ -189,6 +208,24 @@ def _split_if_column(manifest: str, split: str) -> str | None:
     with open(manifest, encoding="utf-8") as handle:
         header = handle.readline().strip().split(",")
     return split if "split" in header else None
+
+
+def load_text_splits(args: DataArguments, model, processor, seed: int, output_dir: str):
+    """Tokenised (train, held-out) text pairs; the held-out ids are written to `output_dir` first."""
+    src_lang, tgt_lang = args.src_lang or args.source_column, args.tgt_lang or args.target_column
+    pairs = read_text_pairs(args.text_pairs_csv, args.source_column, args.target_column)
+    train, held_out = split_held_out(pairs, args.held_out_size, seed)
+    record = {"csv": args.text_pairs_csv, "source_column": args.source_column, "target_column": args.target_column,
+              "src_lang": src_lang, "tgt_lang": tgt_lang, "seed": seed}  # fmt: skip
+    write_held_out_ids(held_out["id"], output_dir, record)
+    if args.max_train_samples:
+        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        held_out = held_out.select(range(min(args.max_eval_samples, len(held_out))))
+    lengths = dict(max_source_length=args.max_source_length, max_label_length=args.max_label_length)
+    encode = dict(tokenizer=processor.tokenizer, generation_config=model.generation_config, src_lang=src_lang,
+                  tgt_lang=tgt_lang, **lengths)  # fmt: skip
+    return prepare_text_pairs(train, **encode), prepare_text_pairs(held_out, **encode)
 
 
 def prepare_splits(train, evaluation, processor, args: DataArguments, seed: int):
@@ -245,23 +282,36 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.set_seed(training_args.seed)
     set_mixed_precision(model_args, training_args)
     model, processor = load_model(model_args)
+    text_pairs = data_args.text_pairs_csv is not None
+    if text_pairs and not model.config.text_frontend:
+        model.add_text_frontend()  # starts from the decoder's token and position embeddings
     model = apply_training_mode(model, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
                                 model_args.lora_dropout)  # fmt: skip
-    raw_train, raw_eval = load_splits(data_args, training_args.seed)
     with training_args.main_process_first(desc="dataset preparation"):
-        train, evaluation = prepare_splits(raw_train, raw_eval, processor, data_args, training_args.seed)
-    normalize = english_normalizer(model_args.model_name_or_path)
+        if text_pairs:
+            train, evaluation = load_text_splits(data_args, model, processor, training_args.seed,
+                                                 training_args.output_dir)  # fmt: skip
+        else:
+            raw_train, raw_eval = load_splits(data_args, training_args.seed)
+            train, evaluation = prepare_splits(raw_train, raw_eval, processor, data_args, training_args.seed)
+    if text_pairs:  # held-out loss here; BLEU / chrF by scripts/evaluate_translation.py on the saved folder
+        collator, compute_metrics = TextPairCollator(model.config.pad_token_id), None
+        gen_kwargs = {"language": data_args.tgt_lang or data_args.target_column}
+    else:
+        collator = SpeechSeq2SeqCollator(processor, model.config.decoder_start_token_id)
+        compute_metrics = make_compute_metrics(processor.tokenizer, english_normalizer(model_args.model_name_or_path))
+        gen_kwargs = {}
     trainer = WhisperMoETrainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=SpeechSeq2SeqCollator(processor, model.config.decoder_start_token_id),
-        compute_metrics=make_compute_metrics(processor.tokenizer, normalize),
+        data_collator=collator,
+        compute_metrics=compute_metrics,
         processing_class=processor,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval")}
+    metrics = {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval", **gen_kwargs)}
     trainer.log_metrics("all", metrics)
     if trainer.is_world_process_zero():
         record = {"base": model_args.model_name_or_path, "command": ["scripts/train.py", *(argv or sys.argv[1:])],
