@@ -1,10 +1,6 @@
 """Shared fixtures: the data folder, tiny random configs, and real converted / upcycled tiny.en checkpoints."""
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,6 +8,7 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration
+from scripts.isolation import run_isolated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("WHISPER_MOE_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -101,39 +98,20 @@ def tiny_random_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
     return folder
 
 
-# Prepended to scripts run by run_without_package: the package is installed (editable), so it is blocked from import
-# and the repository is taken off sys.path; at the end the script's `result` dict is printed with what leaked.
-_ISOLATION_PREAMBLE = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
+@pytest.fixture(scope="session")
+def base_moe(tmp_path_factory) -> Path:
+    """OpenAI's multilingual base, converted from CTranslate2 and upcycled to 8 experts, top-2, as a Hub folder."""
+    from modeling_whisper_moe import WhisperMoEProcessor
+    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
 
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_whisper_moe", "processing"):
-                raise ImportError(f"{name} must not be importable in this test")
-
-    sys.meta_path.insert(0, BlockPackage())
-    sys.path = [p for p in sys.path if p not in ("", __REPO__)]
-    """
-)
-_ISOLATION_EPILOGUE = """
-result["leaked"] = [name for name in sys.modules if name.split(".")[0] == "modeling_whisper_moe"]
-print("RESULT" + json.dumps(result))
-"""
+    root = tmp_path_factory.mktemp("base")
+    dense = convert_ct2(bundled_checkpoint("base"), root / "whisper-base")
+    model = WhisperMoEForConditionalGeneration.from_dense(dense, num_experts=8, num_experts_per_tok=2)
+    model.save_pretrained(root / "moe")
+    WhisperMoEProcessor.from_pretrained(dense).save_pretrained(root / "moe")
+    return root / "moe"
 
 
 def run_without_package(script: str, *args, tmp_path: Path) -> dict:
     """Run `script` (which fills a dict named `result`) in a fresh interpreter that cannot import this package."""
-    code = _ISOLATION_PREAMBLE.replace("__REPO__", repr(str(REPO_ROOT))) + script + _ISOLATION_EPILOGUE
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+    return run_isolated(script, *args, cwd=tmp_path)

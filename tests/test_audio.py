@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import DATA_DIR
 
-from modeling_whisper_moe.audio import SAMPLING_RATE, AudioDecodeError, load_audio, resample
+from modeling_whisper_moe.audio import SAMPLING_RATE, AudioDecodeError, load_audio, resample, save_audio
 
 MISC = DATA_DIR / "misc"
 JFK_SECONDS = 11.0
@@ -322,3 +322,104 @@ def test_missing_decoder_package_is_named(data_dir: Path, monkeypatch: pytest.Mo
 def test_processor_text_only(processor) -> None:
     labels = processor(text="ask not", return_tensors="np")["input_ids"]
     assert processor.tokenizer.decode(labels[0], skip_special_tokens=True) == "ask not"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MP3 in, WAV / FLAC out
+# --------------------------------------------------------------------------------------------------------------
+
+PCM16_STEP = 1 / 32_768  # one 16-bit quantisation step
+
+
+def _encode_mp3(audio: np.ndarray, rate: int, path: Path) -> None:
+    """Encode mono float `audio` (time,) as MP3 with PyAV's libmp3lame."""
+    import av
+
+    with av.open(str(path), "w", format="mp3") as container:
+        stream = container.add_stream("libmp3lame", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(audio[None, :].astype(np.float32), format="fltp", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+
+
+def test_mp3_matches_flac(data_dir: Path, tmp_path: Path) -> None:
+    reference = load_audio(data_dir / "misc/jfk.flac")
+    _encode_mp3(reference, SAMPLING_RATE, tmp_path / "jfk.mp3")
+    decoded = load_audio(tmp_path / "jfk.mp3")
+    assert len(decoded) == pytest.approx(len(reference), rel=0.01)
+    lag = _best_lag(decoded, reference, max_lag=SAMPLING_RATE // 10)  # encoder delay
+    aligned = decoded[lag:] if lag >= 0 else np.concatenate([np.zeros(-lag, np.float32), decoded])
+    length = min(len(aligned), len(reference))
+    assert np.corrcoef(aligned[:length], reference[:length])[0, 1] > 0.99
+    np.testing.assert_array_equal(load_audio((tmp_path / "jfk.mp3").read_bytes()), decoded)
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".FLAC"])
+@pytest.mark.parametrize("rate", [SAMPLING_RATE, 22_050])
+def test_save_audio_round_trip(tmp_path: Path, suffix: str, rate: int) -> None:
+    import soundfile
+
+    tone = _sine(440.0, rate, 0.5).astype(np.float32)
+    path = save_audio(tmp_path / "nested" / f"tone{suffix}", tone, rate)
+    info = soundfile.info(path)
+    assert path == tmp_path / "nested" / f"tone{suffix}"
+    assert info.samplerate == rate and info.channels == 1 and info.frames == len(tone)
+    assert info.format == suffix[1:].upper() and info.subtype == "PCM_16"
+    np.testing.assert_allclose(load_audio(path, sampling_rate=rate), tone, atol=PCM16_STEP)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_save_audio_channels_tensors_int_pcm_and_clipping(tmp_path: Path) -> None:
+    import soundfile
+
+    left, right = _sine(300.0, SAMPLING_RATE, 0.25), _sine(500.0, SAMPLING_RATE, 0.25, amplitude=0.25)
+    stereo = torch.from_numpy(np.stack([left, right]))  # (channels, time), as many TTS models return
+    samples, _ = soundfile.read(save_audio(tmp_path / "stereo.wav", stereo, SAMPLING_RATE), dtype="float32")
+    np.testing.assert_allclose(samples, np.stack([left, right], axis=1), atol=PCM16_STEP)
+
+    pcm = (left * 32_767).astype(np.int16)
+    np.testing.assert_allclose(load_audio(save_audio(tmp_path / "int16.flac", pcm)), left, atol=2 * PCM16_STEP)
+
+    loud = np.array([0.5, 1.7, -3.0, -0.25], dtype=np.float32)  # 16-bit PCM cannot hold beyond +-1
+    samples, _ = soundfile.read(save_audio(tmp_path / "loud.wav", loud), dtype="float32")
+    np.testing.assert_allclose(samples, [0.5, 1.0, -1.0, -0.25], atol=PCM16_STEP)
+
+
+@pytest.mark.parametrize(
+    ("name", "waveform", "rate", "message"),
+    [
+        ("clip.mp3", np.zeros(16), SAMPLING_RATE, r"unsupported suffix '\.mp3'.*\.flac.*\.wav"),
+        ("clip", np.zeros(16), SAMPLING_RATE, "unsupported suffix ''"),
+        ("clip.wav", np.zeros(0), SAMPLING_RATE, "empty"),
+        ("clip.wav", np.array([0.1, np.nan]), SAMPLING_RATE, "NaN or infinite"),
+        ("clip.flac", np.array([0.1, -np.inf]), SAMPLING_RATE, "NaN or infinite"),
+        ("clip.wav", np.zeros((2, 3, 4)), SAMPLING_RATE, r"shape \(time,\)"),
+        ("clip.wav", np.array(["a", "b"]), SAMPLING_RATE, "must be numbers"),
+        ("clip.wav", np.zeros(16), 0, "sampling_rate"),
+    ],
+    ids=["mp3", "no-suffix", "empty", "nan", "inf", "3d", "strings", "rate"],
+)
+def test_save_audio_rejects_bad_input(
+    tmp_path: Path, name: str, waveform: np.ndarray, rate: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        save_audio(tmp_path / name, waveform, rate)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_audio_failure_leaves_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import soundfile
+
+    path = save_audio(tmp_path / "take.wav", _sine(200.0, SAMPLING_RATE, 0.1))
+    before = path.read_bytes()
+
+    def write_half_then_fail(file, data, *args, **kwargs) -> None:
+        Path(file).write_bytes(b"RIFF half a header")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(soundfile, "write", write_half_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_audio(path, _sine(900.0, SAMPLING_RATE, 0.1))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["take.wav"]

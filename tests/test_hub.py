@@ -2,10 +2,12 @@
 this package, through `pipeline(..., trust_remote_code=True)` and the Auto classes."""
 
 import json
+import shutil
+import sys
 import textwrap
 
 import pytest
-from conftest import JFK_TEXT, run_without_package
+from conftest import JFK_TEXT, run_without_package, tiny_moe
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +92,98 @@ def test_remote_pipeline_bad_audio_raises_clearly(remote):
     assert missing_type == "FileNotFoundError" and "no-such-file.wav" in missing_message
     corrupt_type, corrupt_message = remote["errors"]["corrupt"]
     assert corrupt_type == "AudioDecodeError" and "decode" in corrupt_message.lower()
+
+
+# A custom pipeline of someone else's, registered and saved into the same folder the transformers way.
+TOKEN_COUNT_PIPELINE = textwrap.dedent(
+    """
+    from transformers import Pipeline
+
+
+    class TokenCountPipeline(Pipeline):
+        _load_tokenizer = True
+        _load_processor = _load_feature_extractor = _load_image_processor = False
+
+        def _sanitize_parameters(self, **kwargs):
+            return {}, {}, {}
+
+        def preprocess(self, text):
+            return {"input_ids": self.tokenizer(text, return_tensors="pt").input_ids}
+
+        def _forward(self, model_inputs):
+            return model_inputs
+
+        def postprocess(self, model_outputs):
+            return {"tokens": int(model_outputs["input_ids"].shape[-1])}
+    """
+)
+
+BOTH_PIPELINES_SCRIPT = textwrap.dedent(
+    """
+    from transformers import pipeline
+
+    folder, jfk = sys.argv[1], sys.argv[2]
+    asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+    counter = pipeline("token-count", model=folder, trust_remote_code=True)
+    result = {
+        "asr": [type(asr).__name__, len(asr(jfk)["text"]) > 0],
+        "token-count": [type(counter).__name__, counter("hello world")["tokens"]],
+    }
+    """
+)
+
+
+@pytest.fixture()
+def token_count_pipeline(tmp_path, monkeypatch):
+    """A pipeline class defined in its own module file and registered as task "token-count" for this test only."""
+    import importlib
+
+    from transformers import AutoModelForSpeechSeq2Seq
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "token_count_pipeline.py").write_text(TOKEN_COUNT_PIPELINE)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    module = importlib.import_module("token_count_pipeline")
+    PIPELINE_REGISTRY.register_pipeline(
+        "token-count", pipeline_class=module.TokenCountPipeline, pt_model=AutoModelForSpeechSeq2Seq
+    )
+    yield module.TokenCountPipeline
+    PIPELINE_REGISTRY.supported_tasks.pop("token-count")
+    monkeypatch.delitem(sys.modules, "token_count_pipeline")
+
+
+def test_custom_pipelines_are_merged_across_saves(tiny_random_moe, token_count_pipeline, data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from modeling_whisper_moe import WhisperMoEForConditionalGeneration
+
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny_random_moe, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # transformers' Pipeline.save_pretrained replaces config.custom_pipelines with its own task before saving
+    model = WhisperMoEForConditionalGeneration.from_pretrained(folder)
+    counter = token_count_pipeline(model=model, tokenizer=tokenizer)
+    counter.save_pretrained(folder)
+    after_pipeline = json.loads((folder / "config.json").read_text())["custom_pipelines"]
+    # a model that never heard of "token-count" is saved into the same folder twice
+    for _ in range(2):
+        WhisperMoEForConditionalGeneration.from_pretrained(tiny_random_moe).save_pretrained(folder)
+    after_model = json.loads((folder / "config.json").read_text())["custom_pipelines"]
+
+    assert set(after_pipeline) >= {"automatic-speech-recognition", "token-count"}
+    assert after_model == after_pipeline
+    assert after_model["token-count"]["impl"] == "token_count_pipeline.TokenCountPipeline"
+    assert (folder / "token_count_pipeline.py").is_file()
+
+    remote = run_without_package(BOTH_PIPELINES_SCRIPT, folder, data_dir / "misc/jfk.flac", tmp_path=tmp_path)
+    assert remote["leaked"] == []
+    assert remote["asr"] == ["WhisperMoEASRPipeline", True]
+    assert remote["token-count"] == ["TokenCountPipeline", len(tokenizer("hello world").input_ids)]
+
+
+def test_saving_into_a_folder_with_a_corrupt_config_names_it(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        tiny_moe().save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").read_text() == "{not json"

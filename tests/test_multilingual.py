@@ -10,18 +10,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def base_moe(tmp_path_factory):
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
-
-    root = tmp_path_factory.mktemp("base")
-    dense = convert_ct2(bundled_checkpoint("base"), root / "whisper-base")
-    model = WhisperMoEForConditionalGeneration.from_dense(dense, num_experts=8, num_experts_per_tok=2)
-    model.save_pretrained(root / "moe")
-    WhisperMoEProcessor.from_pretrained(dense).save_pretrained(root / "moe")
-    return root / "moe"
-
-
-@pytest.fixture(scope="module")
 def asr(base_moe):
     return pipeline("automatic-speech-recognition", model=str(base_moe), trust_remote_code=True)
 
