@@ -13,8 +13,10 @@ Prints a markdown table and writes JSON. A benchmark, not a test: numbers depend
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -27,13 +29,24 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import WhisperForConditionalGeneration, pipeline  # noqa: E402
 
-from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, load_audio  # noqa: E402
+from modeling_whisper_moe import (  # noqa: E402
+    WhisperMoEConfig,
+    WhisperMoEForConditionalGeneration,
+    WhisperMoEProcessor,
+    load_audio,
+)
+from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS  # noqa: E402
 from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock  # noqa: E402
+from modeling_whisper_moe.processing_whisper_moe import log_mel_30s  # noqa: E402
 from modeling_whisper_moe.training import apply_training_mode  # noqa: E402
 from processing import read_manifest  # noqa: E402
+from processing.metrics import english_normalizer, error_rates  # noqa: E402
 
 SAMPLING_RATE = 16_000
 DEFAULT_MANIFEST = REPO_ROOT.parent / "shared" / "data" / "librispeech" / "test-other" / "manifest.csv"
+DEFAULT_SHORT_CLIPS = REPO_ROOT.parent / "shared" / "data" / "fsdd" / "manifest.csv"
+MEMORY_SAMPLE_S = 0.005  # resident-memory sampling period
+SHORT_CLIP_TOKENS = 16  # a spoken digit is 1-3 tokens; the cap keeps a hallucinating model from running to 448
 MEL_FRAMES = 3000  # a 30 s window
 TRAIN_LABEL_TOKENS = 24  # label length of the synthetic training batch
 
@@ -50,10 +63,12 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
 
 
 def bench_dispatch(tokens: int, d_model: int, ffn_dim: int, repeats: int) -> list[dict]:
-    """Forward + backward of one 8-expert top-2 block over `tokens` tokens, per implementation."""
+    """Forward + backward of one 8-expert top-2 block over `tokens` tokens, per implementation, next to the floor:
+    the same expert matmuls on tokens already sorted into equal contiguous segments, with no routing at all."""
     rows = []
     hidden = torch.randn(tokens, d_model)
-    for implementation in ("loop", "grouped"):
+    # batched_mm copies every slot's expert weights: 6,000 x 1536 x 384 floats (14 GB) at 3,000 tokens of tiny
+    for implementation in (name for name in EXPERTS_IMPLEMENTATIONS if name != "batched_mm"):
         config = WhisperMoEConfig(d_model=d_model, experts_implementation=implementation)
         torch.manual_seed(0)
         block = WhisperMoESparseBlock(config, ffn_dim)
@@ -62,7 +77,18 @@ def bench_dispatch(tokens: int, d_model: int, ffn_dim: int, repeats: int) -> lis
 
         seconds = median_seconds(partial(_block_step, block, hidden), repeats)
         rows.append({"benchmark": f"dispatch {tokens} tokens fwd+bwd", "system": implementation, "seconds": seconds})
+    seconds = median_seconds(partial(_matmul_floor, block, hidden), repeats)
+    rows.append({"benchmark": f"dispatch {tokens} tokens fwd+bwd", "system": "matmuls only", "seconds": seconds})
     return _with_ratio(rows, baseline="loop")
+
+
+def _matmul_floor(block: torch.nn.Module, hidden: torch.Tensor) -> None:
+    """The expert matmuls of a top-k step without routing: tokens * k rows in equal per-expert segments."""
+    experts = block.experts
+    experts.zero_grad(set_to_none=True)
+    slots = hidden.repeat(block.router.top_k, 1).chunk(experts.num_experts)
+    out = [experts.expert_forward(weights, rows) for weights, rows in zip(experts.per_expert_weights(), slots)]
+    torch.cat(out).square().mean().backward()
 
 
 def _block_step(block: torch.nn.Module, hidden: torch.Tensor) -> None:
@@ -70,13 +96,14 @@ def _block_step(block: torch.nn.Module, hidden: torch.Tensor) -> None:
     block(hidden[None]).square().mean().backward()
 
 
-def _transcribe(asr, audio: list[np.ndarray], batch: int) -> list[str]:
+def _transcribe(asr, audio: list[np.ndarray], batch: int, max_new_tokens: int | None = None) -> list[str]:
     inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]  # fresh: the pipeline pops keys
-    return [out["text"] for out in asr(inputs, batch_size=batch, generate_kwargs={"num_beams": 1})]
+    options = {"num_beams": 1} if max_new_tokens is None else {"num_beams": 1, "max_new_tokens": max_new_tokens}
+    return [out["text"] for out in asr(inputs, batch_size=batch, generate_kwargs=options)]
 
 
-def _train_step(model: torch.nn.Module, optimizer, features: torch.Tensor, labels: torch.Tensor) -> None:
-    model(input_features=features, labels=labels).loss.backward()
+def _train_step(model: torch.nn.Module, optimizer, features: torch.Tensor, labels: torch.Tensor, **inputs) -> None:
+    model(input_features=features, labels=labels, **inputs).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -89,35 +116,39 @@ def bench_transcription(models: dict[str, str], ct2: str | None, manifest: Path,
     for name, (folder, implementation) in models.items():
         asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
         if implementation:
-            for module in asr.model.modules():
-                if hasattr(module, "implementation"):
-                    module.implementation = implementation
+            asr.model.set_experts_implementation(implementation)
         _transcribe(asr, audio[:1], batch)  # warm-up
-        start = time.perf_counter()
-        texts = _transcribe(asr, audio, batch)
-        seconds = time.perf_counter() - start
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            texts = _transcribe(asr, audio, batch)
+            seconds = time.perf_counter() - start
         tokens = sum(len(asr.tokenizer(text).input_ids) for text in texts)
         rows.append({"benchmark": f"transcribe {limit} clips ({audio_seconds:.0f} s)", "system": name,
-                     "seconds": seconds, "rtf": seconds / audio_seconds,
-                     "tokens_per_s": tokens / seconds})  # fmt: skip
+                     "seconds": seconds, "rtf": seconds / audio_seconds, "tokens_per_s": tokens / seconds,
+                     "peak_mb": memory.megabytes, "wer": _word_error_rate(dataset["text"], texts)})  # fmt: skip
     if ct2:
-        rows.append(_faster_whisper_row(ct2, audio, audio_seconds, limit))
+        for compute_type in ("default", "int8"):
+            rows.append(_faster_whisper_row(ct2, audio, list(dataset["text"]), audio_seconds, limit, compute_type))
     return _with_ratio(rows, baseline="dense")
 
 
-def _faster_whisper_row(ct2: str, audio: list[np.ndarray], audio_seconds: float, limit: int) -> dict:
+def _faster_whisper_row(
+    ct2: str, audio: list[np.ndarray], references: list[str], audio_seconds: float, limit: int, compute_type: str
+) -> dict:
+    """faster-whisper on the same clips, one at a time (its batched pipeline is a different decoder), greedy."""
     from faster_whisper import WhisperModel
 
-    model = WhisperModel(ct2, device="cpu", compute_type="default")
-
+    model = WhisperModel(ct2, device="cpu", compute_type=compute_type)
     options = dict(beam_size=1, without_timestamps=True, condition_on_previous_text=False)
     list(model.transcribe(audio[0], **options)[0])  # warm-up
-    start = time.perf_counter()
-    for clip in audio:
-        list(model.transcribe(clip, **options)[0])
-    seconds = time.perf_counter() - start
-    return {"benchmark": f"transcribe {limit} clips ({audio_seconds:.0f} s)", "system": "faster-whisper",
-            "seconds": seconds, "rtf": seconds / audio_seconds}  # fmt: skip
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        texts = ["".join(segment.text for segment in model.transcribe(clip, **options)[0]) for clip in audio]
+        seconds = time.perf_counter() - start
+    system = "faster-whisper" if compute_type == "default" else f"faster-whisper {compute_type}"
+    return {"benchmark": f"transcribe {limit} clips ({audio_seconds:.0f} s)", "system": system,
+            "seconds": seconds, "rtf": seconds / audio_seconds, "peak_mb": memory.megabytes,
+            "wer": _word_error_rate(references, texts)}  # fmt: skip
 
 
 def bench_training(dense_folder: str, moe_folder: str, batch: int, repeats: int) -> list[dict]:
@@ -147,12 +178,16 @@ def _with_ratio(rows: list[dict], baseline: str) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| benchmark | system | seconds | RTF | tokens/s | time vs baseline |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| benchmark | system | seconds | RTF | tokens/s | clips/s | peak MB | WER % | time vs baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         ratio = next((value for key, value in row.items() if key.startswith("vs_")), None)
         lines.append(
             f"| {row['benchmark']} | {row['system']} | {row['seconds']:.3f} | {_fmt(row.get('rtf'), 3)} "
-            f"| {_fmt(row.get('tokens_per_s'), 1)} | {_fmt(ratio, 2)}x |"
+            f"| {_fmt(row.get('tokens_per_s'), 1)} | {_fmt(row.get('clips_per_s'), 1)} "
+            f"| {_fmt(row.get('peak_mb'), 0)} | {_fmt(row.get('wer'), 2)} | {_fmt(ratio, 2)}x |"
         )
     return "\n".join(lines)
 
@@ -161,17 +196,109 @@ def _fmt(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every few milliseconds from a thread (MB)."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(MEMORY_SAMPLE_S):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.start) / 1e6
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_short_clips(moe_folder: str, packed_folder: str | None, manifest: Path, limit: int, batch: int) -> list:
+    """Short clips (FSDD digits, ~0.5 s): Whisper's 30 s padding vs variable-length packed encoding.
+
+    The encoder alone on `limit` clips, then transcription through the pipeline. The packed rows use
+    `packed_folder` (a model fine-tuned with `variable_length_audio`), else --moe with the option switched on:
+    throughput does not depend on the weights.
+    """
+    dataset = read_manifest(manifest, split="test").select(range(limit))
+    audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
+    audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
+    encoder_rows, pipeline_rows = [], []
+    for name, folder, variable_length in (("30 s padding", moe_folder, False),
+                                          ("packed", packed_folder or moe_folder, True)):  # fmt: skip
+        asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+        asr.model.config.variable_length_audio = variable_length
+        features = [log_mel_30s(clip, asr.feature_extractor) for clip in audio]
+        input_features = torch.cat([f for f, _ in features])
+        attention_mask = torch.cat([m for _, m in features])
+        encoder = asr.model.get_encoder()
+        with torch.inference_mode():
+            seconds = median_seconds(partial(encoder, input_features, attention_mask=attention_mask), repeats=3)
+        encoder_rows.append({"benchmark": f"encode {limit} FSDD clips ({audio_seconds:.0f} s)", "system": name,
+                             "seconds": seconds, "clips_per_s": limit / seconds})  # fmt: skip
+        _transcribe(asr, audio[:batch], batch, SHORT_CLIP_TOKENS)  # warm-up
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            texts = _transcribe(asr, audio, batch, SHORT_CLIP_TOKENS)
+            seconds = time.perf_counter() - start
+        wer = _word_error_rate(dataset["text"], texts)
+        pipeline_rows.append({"benchmark": f"transcribe {limit} FSDD clips ({audio_seconds:.0f} s)", "system": name,
+                              "seconds": seconds, "rtf": seconds / audio_seconds, "clips_per_s": limit / seconds,
+                              "peak_mb": memory.megabytes, "wer": wer})  # fmt: skip
+    return _with_ratio(encoder_rows, "30 s padding") + _with_ratio(pipeline_rows, "30 s padding")
+
+
+def _word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """Percent, after Whisper's English normalisation (digits and number words compare equal)."""
+    return error_rates(references, hypotheses, english_normalizer())["wer"]
+
+
+def bench_short_clip_training(moe_folder: str, manifest: Path, batch: int, repeats: int) -> list[dict]:
+    """One full training step on a batch of FSDD clips: 30 s padding vs variable-length packed encoding."""
+    dataset = read_manifest(manifest, split="train").select(range(batch))
+    processor = WhisperMoEProcessor.from_pretrained(moe_folder)
+    features = [log_mel_30s(load_audio(path, SAMPLING_RATE), processor.feature_extractor) for path in dataset["audio"]]
+    input_features, attention_mask = torch.cat([f for f, _ in features]), torch.cat([m for _, m in features])
+    labels = processor.tokenizer(list(dataset["text"]), padding=True, return_tensors="pt").input_ids
+    rows = []
+    for name, variable_length in (("30 s padding", False), ("packed", True)):
+        model = WhisperMoEForConditionalGeneration.from_pretrained(moe_folder, variable_length_audio=variable_length)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        step = partial(_train_step, model, optimizer, input_features, labels, attention_mask=attention_mask)
+        seconds = median_seconds(step, repeats)
+        rows.append({"benchmark": f"train step, {batch} FSDD clips, full", "system": name, "seconds": seconds,
+                     "clips_per_s": batch / seconds})  # fmt: skip
+    return _with_ratio(rows, "30 s padding")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="dense Whisper folder (the upcycling source)")
     parser.add_argument("--moe", required=True, help="WhisperMoE folder upcycled from --dense")
     parser.add_argument("--faster-whisper", metavar="CT2_DIR", help="also time faster-whisper on this checkpoint")
+    parser.add_argument("--int8", metavar="INT8_DIR", help="also time this folder (`whisper-moe quantize` of --moe)")
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     parser.add_argument("--limit", type=int, default=16, help="clips to transcribe")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dispatch-tokens", type=int, default=3000)
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--short-clips", type=Path, default=DEFAULT_SHORT_CLIPS, help="manifest of short clips")
+    parser.add_argument("--short-limit", type=int, default=64, help="short clips to encode and transcribe")
+    parser.add_argument("--packed-moe", help="a WhisperMoE fine-tuned with variable_length_audio (short clips)")
     parser.add_argument("--output-json", type=Path)
     return parser.parse_args(argv)
 
@@ -180,9 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     moe_config = WhisperMoEConfig.from_pretrained(args.moe)
     rows = bench_dispatch(args.dispatch_tokens, moe_config.d_model, moe_config.encoder_ffn_dim, args.repeats)
-    models = {"dense": (args.dense, None), "moe grouped": (args.moe, "grouped"), "moe loop": (args.moe, "loop")}
+    models = {"dense": (args.dense, None)}
+    models.update({f"moe {name}": (args.moe, name) for name in EXPERTS_IMPLEMENTATIONS if name != "batched_mm"})
+    if args.int8:
+        models["moe int8"] = (args.int8, None)
     rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, args.batch_size)
     rows += bench_training(args.dense, args.moe, args.train_batch, args.repeats)
+    rows += bench_short_clips(args.moe, args.packed_moe, args.short_clips, args.short_limit, args.batch_size)
+    rows += bench_short_clip_training(args.moe, args.short_clips, args.train_batch * 2, args.repeats)
     print(markdown(rows))
     if args.output_json:
         partial = args.output_json.with_name(args.output_json.name + ".tmp")
