@@ -77,13 +77,9 @@ def tiny_en_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_random_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
-    """A WhisperMoE folder with tiny.en's vocabulary, processor and generation config but random 2-layer weights of
-    width 32: the real data path at unit-test speed."""
+def tiny_random_dense(tiny_en_dense: Path) -> WhisperForConditionalGeneration:
+    """A dense Whisper with tiny.en's vocabulary and generation config but random 2-layer weights of width 32."""
     from transformers import GenerationConfig
-
-    from modeling_whisper_moe import WhisperMoEProcessor
 
     real = WhisperConfig.from_pretrained(tiny_en_dense)
     sizes = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2)
@@ -91,7 +87,18 @@ def tiny_random_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     dense = WhisperForConditionalGeneration(WhisperConfig(**{**real.to_dict(), **sizes}))
     dense.generation_config = GenerationConfig.from_pretrained(tiny_en_dense)
-    model = WhisperMoEForConditionalGeneration.from_dense(dense, num_experts=4, num_experts_per_tok=2)
+    return dense
+
+
+@pytest.fixture(scope="session")
+def tiny_random_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
+    """A WhisperMoE folder with tiny.en's vocabulary, processor and generation config but random 2-layer weights of
+    width 32: the real data path at unit-test speed."""
+    from modeling_whisper_moe import WhisperMoEProcessor
+
+    model = WhisperMoEForConditionalGeneration.from_dense(
+        tiny_random_dense(tiny_en_dense), num_experts=4, num_experts_per_tok=2
+    )
     folder = tmp_path_factory.mktemp("ckpt") / "tiny-random-moe"
     model.save_pretrained(folder)
     WhisperMoEProcessor.from_pretrained(tiny_en_dense).save_pretrained(folder)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY, run_without_package, tiny_moe
-from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+from conftest import REPO_ROOT, TINY, run_without_package, tiny_moe, tiny_random_dense
+from transformers import GenerationConfig
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor
 from processing.text_data import TextPairCollator, prepare_text_pairs, read_text_pairs, split_held_out
@@ -172,12 +172,7 @@ def tiny_translation_folder(tiny_en_dense, tmp_path_factory):
     """Random 2-layer weights of width 32 with tiny.en's tokenizer, German and English language tokens, and a text
     front-end: the real text path at unit-test speed."""
     processor = WhisperMoEProcessor.from_pretrained(tiny_en_dense)
-    real = WhisperConfig.from_pretrained(tiny_en_dense)
-    sizes = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2)
-    sizes.update(decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
-    torch.manual_seed(0)
-    dense = WhisperForConditionalGeneration(WhisperConfig(**{**real.to_dict(), **sizes}))
-    dense.generation_config = GenerationConfig.from_pretrained(tiny_en_dense)
+    dense = tiny_random_dense(tiny_en_dense)
     tokens = ("<|en|>", "<|de|>")
     dense.generation_config.lang_to_id = dict(zip(tokens, processor.tokenizer.convert_tokens_to_ids(tokens)))
     model = WhisperMoEForConditionalGeneration.from_dense(
