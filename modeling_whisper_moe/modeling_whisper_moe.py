@@ -456,7 +456,7 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
     ) -> BaseModelOutput:
         """Audio: `input_features` (batch, num_mel_bins, 3000) -> last_hidden_state (batch, 1500, d_model), Whisper's
         encoder. Text (`config.text_frontend`): `input_ids` (batch, text_len) and `attention_mask` (batch, text_len),
-        1 = real token -> `WhisperMoETextEncoderOutput`, last_hidden_state (batch, text_len, d_model)."""
+        1 = real token -> `WhisperMoEEncoderOutput`, last_hidden_state (batch, text_len, d_model)."""
         if input_ids is None and self.config.variable_length_audio:
             return self.forward_variable_length(input_features, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
@@ -486,7 +486,7 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
     @capture_outputs
     def forward_text(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> "WhisperMoETextEncoderOutput":
+    ) -> "WhisperMoEEncoderOutput":
         """(batch, text_len) ids and mask -> last_hidden_state (batch, text_len, d_model); padding is masked out of
         self-attention and the mask is returned with the output for the decoder's cross-attention."""
         if attention_mask is None:
@@ -500,9 +500,7 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
             hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
-        return WhisperMoETextEncoderOutput(
-            last_hidden_state=self.layer_norm(hidden_states), attention_mask=attention_mask
-        )
+        return WhisperMoEEncoderOutput(last_hidden_state=self.layer_norm(hidden_states), attention_mask=attention_mask)
 
     @capture_outputs
     def forward_variable_length(
@@ -571,22 +569,15 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
 
 @dataclass
 class WhisperMoEEncoderOutput(BaseModelOutput):
-    """The encoder's output for variable-length audio.
+    """The encoder's output for text or variable-length audio; it travels through generate with its masks.
 
     attention_mask: (batch, seq_len), 1 on real positions; the decoder's cross-attention skips the rest.
-    router_mask: (routed tokens,), 1 on the tokens the router losses count (packed rows or padded clips).
+    router_mask: (routed tokens,), 1 on the tokens the router losses count, when they are not `attention_mask`'s
+    (packed audio rows); None for text.
     """
 
     attention_mask: torch.Tensor | None = None
     router_mask: torch.Tensor | None = None
-
-
-@dataclass
-class WhisperMoETextEncoderOutput(BaseModelOutput):
-    """The encoder's output for text input, with the mask of its real positions, (batch, text_len), 1 = real. The
-    mask travels with the output (through generate too) so the decoder's cross-attention skips padding."""
-
-    attention_mask: torch.Tensor | None = None
 
 
 class WhisperMoEDecoder(WhisperMoEPreTrainedModel, WhisperDecoder):
@@ -814,7 +805,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         if language is None:
             raise ValueError("Text generation needs the output's language, e.g. language='de'.")
         prompt = text_decoder_prompt(generation_config or self.generation_config, language)
-        generation_config, model_kwargs = self._text_generation_config(generation_config, len(prompt), **kwargs)
+        generation_config, model_kwargs = self._prompted_generation_config(generation_config, len(prompt), **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
@@ -851,7 +842,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         generation_config = generation_config or self.generation_config
         encoder_outputs = self.get_encoder()(input_features, attention_mask=attention_mask)
         prompt = self._audio_prompt(encoder_outputs, generation_config, language, task)  # (batch, prompt_len)
-        config, model_kwargs = self._text_generation_config(generation_config, prompt.shape[1], **kwargs)
+        config, model_kwargs = self._prompted_generation_config(generation_config, prompt.shape[1], **kwargs)
         sequences = GenerationMixin.generate(
             self,
             encoder_outputs=encoder_outputs,
@@ -888,7 +879,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         task_ids = torch.full((batch_size, 1), generation_config.task_to_id[task], device=device)
         return torch.cat([start, languages[:, None].to(start.dtype), task_ids, no_timestamps], dim=1)
 
-    def _text_generation_config(
+    def _prompted_generation_config(
         self, generation_config: GenerationConfig | None, prompt_length: int, **kwargs
     ) -> tuple[GenerationConfig, dict]:
         """A copy of the generation config set up for text output and updated with `kwargs`; returns it and the
@@ -1048,7 +1039,7 @@ __all__ = [
     "WhisperMoEPreTrainedModel",
     "WhisperMoEModel",
     "WhisperMoEForConditionalGeneration",
-    "WhisperMoETextEncoderOutput",
+    "WhisperMoEEncoderOutput",
     "language_token_id",
     "load_balancing_loss",
     "router_z_loss",
