@@ -73,11 +73,17 @@ class WhisperMoEConfig(WhisperConfig):
         Give the encoder a text front-end next to the audio one: a token embedding of width `d_model` and learned
         text positions, so the encoder takes `input_ids` + `attention_mask` as well as `input_features` and the same
         model translates text. Off by default, so audio checkpoints are unchanged; when added to a trained model
-        both embeddings start as copies of the decoder's (Whisper's tokenizer is shared by both sides). Not named
-        `text_encoder`: transformers' `get_text_config()` takes an attribute of that name for a sub-config.
+        the token embedding starts as a rescaled copy of the decoder's (Whisper's tokenizer is shared by both sides)
+        and the positions as the encoder's sinusoids. Not named `text_encoder`: transformers' `get_text_config()`
+        takes an attribute of that name for a sub-config.
     max_text_positions (`int`, defaults to 448):
-        Longest token sequence the text front-end takes (its position table's size). 448 is Whisper's
-        `max_target_positions`, so the decoder's learned positions can initialise it.
+        Longest token sequence the text front-end takes (its position table's size, at most
+        `max_source_positions`).
+    text_encoder_layers (`int`, *optional*):
+        How many of the encoder's layers text runs through (the first ones, then the final layer norm); all when
+        unset. Whisper's deeper audio layers turn text into one massive activation shared by every position (with
+        base, layer 4's feed-forward block writes ~300 into one channel, and the positions' states become ~98 %
+        alike), which the decoder cannot read; the shallow layers keep the tokens apart.
 
     Text-to-speech fields, read only by [`WhisperMoEForTextToSpeech`] (the speech-recognition model ignores them):
 
@@ -113,10 +119,19 @@ class WhisperMoEConfig(WhisperConfig):
     pack_audio: bool = True
     text_frontend: bool = False
     max_text_positions: int = 448
+    text_encoder_layers: int | None = None
     tts_speaker_embedding_dim: int = 0
     tts_duration_loss_coef: float | int = 1.0
     tts_postnet_layers: int = 0
     tts_reduction_factor: int = 1
+
+    def check_text_encoder_layers(self, text_encoder_layers: int | None) -> None:
+        """Raise unless `text_encoder_layers` is unset or between 1 and `encoder_layers`."""
+        if text_encoder_layers is not None and not 1 <= text_encoder_layers <= self.encoder_layers:
+            raise ValueError(
+                f"text_encoder_layers must be between 1 and encoder_layers={self.encoder_layers}, "
+                f"got {text_encoder_layers}."
+            )
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -155,6 +170,7 @@ class WhisperMoEConfig(WhisperConfig):
             raise ValueError(f"tts_reduction_factor must be at least 1, got {self.tts_reduction_factor}.")
         if self.max_text_positions < 1:
             raise ValueError(f"max_text_positions must be at least 1, got {self.max_text_positions}.")
+        self.check_text_encoder_layers(self.text_encoder_layers)
         self.check_quantization()
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}.")

@@ -496,7 +496,7 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         self_attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
-        for encoder_layer in self.layers:
+        for encoder_layer in self.layers[: self.config.text_encoder_layers]:
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
             hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
@@ -754,24 +754,32 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
             model.add_text_frontend(max_text_positions)
         return model.to(dense.dtype).train(dense.training)
 
-    def add_text_frontend(self, max_text_positions: int | None = None) -> "WhisperMoEForConditionalGeneration":
+    def add_text_frontend(
+        self, max_text_positions: int | None = None, text_encoder_layers: int | None = None
+    ) -> "WhisperMoEForConditionalGeneration":
         """Give the encoder a text front-end and set `config.text_frontend`; returns the model.
 
-        The token embedding and the first `max_text_positions` positions start as copies of the decoder's: Whisper's
-        tokenizer serves both sides, so the encoder reads the same ids with embeddings that already mean something.
+        The token embedding starts as a copy of the decoder's (Whisper's tokenizer serves both sides, so the encoder
+        reads the same ids with embeddings that already mean something), rescaled to the size of the encoder's own
+        positions; the positions start as the encoder's sinusoids, which its layers already read. Unscaled, the
+        decoder's embeddings are ~30x smaller than what the audio front-end feeds the layers, and the pretrained
+        layers wash the token identities out. `text_encoder_layers`: see the config field.
         """
         if self.config.text_frontend:
             raise ValueError("This model already has a text front-end (config.text_frontend=True).")
         max_text_positions = max_text_positions or self.config.max_text_positions
         decoder, encoder = self.model.decoder, self.model.encoder
-        if not 1 <= max_text_positions <= decoder.embed_positions.num_embeddings:
+        if not 1 <= max_text_positions <= encoder.embed_positions.num_embeddings:
             raise ValueError(
-                f"max_text_positions must be between 1 and the decoder's {decoder.embed_positions.num_embeddings} "
+                f"max_text_positions must be between 1 and the encoder's {encoder.embed_positions.num_embeddings} "
                 f"positions it is copied from, got {max_text_positions}."
             )
+        self.config.check_text_encoder_layers(text_encoder_layers)
         self.config.text_frontend, self.config.max_text_positions = True, max_text_positions
+        self.config.text_encoder_layers = text_encoder_layers
+        positions = encoder.embed_positions.weight[:max_text_positions].detach().clone()
         tokens = decoder.embed_tokens.weight.detach().clone()
-        positions = decoder.embed_positions.weight[:max_text_positions].detach().clone()
+        tokens *= positions.pow(2).mean().sqrt() / tokens.pow(2).mean().sqrt()
         encoder.embed_text_tokens = nn.Embedding.from_pretrained(tokens, freeze=False, padding_idx=encoder.padding_idx)
         encoder.embed_text_positions = nn.Embedding.from_pretrained(positions, freeze=False)
         return self

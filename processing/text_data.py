@@ -34,6 +34,7 @@ LENGTH_COLUMN = "length"
 __all__ = [
     "HELD_OUT_IDS_FILE",
     "TextPairCollator",
+    "copy_pairs",
     "prepare_text_pairs",
     "read_held_out_ids",
     "read_text_pairs",
@@ -92,6 +93,19 @@ def split_held_out(pairs: Dataset, held_out_size: int, seed: int) -> tuple[Datas
     logger.info("Held out %d pairs; dropped %d training pairs sharing a sentence with them", held_out_size,
                 len(train) - len(kept))  # fmt: skip
     return kept, held_out
+
+
+def copy_pairs(pairs: Dataset, fraction: float, seed: int) -> Dataset:
+    """A `fraction` of `pairs` (drawn with `seed`) as source -> source copies, ids suffixed `#copy`.
+
+    Mixed into translation training with the decoder prompted in the source language, copying is an easy task whose
+    only solution is to read the encoder: it teaches the new cross-attention to find the source tokens, which
+    translation then builds on.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"copy fraction must be in (0, 1], got {fraction}.")
+    chosen = pairs.shuffle(seed=seed).select(range(max(1, round(fraction * len(pairs)))))
+    return chosen.map(lambda pair: {"id": f"{pair['id']}#copy", "target": pair["source"]})
 
 
 def write_held_out_ids(ids: Sequence[str], folder: str | Path, record: Mapping[str, Any]) -> Path:

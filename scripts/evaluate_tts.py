@@ -35,6 +35,12 @@ from scripts.isolation import run_isolated  # noqa: E402
 
 CACHE_DIR = Path.home() / ".cache" / "whisper-moe"
 MAX_TRANSCRIPT_TOKENS = 40  # a 4-digit answer needs under 20; the cap stops hallucination loops on bad audio
+# Whisper's own decoding recipe (openai-whisper's transcribe defaults, with transformers' token-level compression
+# threshold): a greedy transcript that repeats itself or is improbable is redone at rising temperatures. Every
+# system, the espeak-ng ceilings included, is transcribed the same way.
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+COMPRESSION_RATIO_THRESHOLD = 1.35
+LOGPROB_THRESHOLD = -1.0
 CEILING_VOICE, CEILING_SPEED, CEILING_PITCH = "en-us", 170, 50  # espeak-ng's defaults, a voice the model trained on
 DIGIT_PATTERN = re.compile(r"\d|\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b")
 WORD_DIGITS = {"oh": "0", **{w: str(i) for i, w in enumerate(digits_to_words("0123456789").split())}}
@@ -91,12 +97,17 @@ def whisper_folder(name_or_path: str) -> str:
     return str(folder)
 
 
-def transcribe(paths: list[Path], whisper: str) -> list[str]:
-    """English transcripts of the clips with a dense Whisper folder, greedy, through transformers' ASR pipeline."""
+def transcribe(paths: list[Path], whisper: str, fallback: bool = True) -> list[str]:
+    """English transcripts of the clips with a dense Whisper folder through transformers' ASR pipeline: greedy, with
+    Whisper's temperature fallback unless `fallback` is False."""
     from transformers import pipeline
 
+    torch.manual_seed(0)  # the fallback samples
     asr = pipeline("automatic-speech-recognition", model=whisper, device="cpu")
     options = {"language": "en", "task": "transcribe", "max_new_tokens": MAX_TRANSCRIPT_TOKENS}
+    if fallback:
+        options |= {"temperature": FALLBACK_TEMPERATURES, "compression_ratio_threshold": COMPRESSION_RATIO_THRESHOLD,
+                    "logprob_threshold": LOGPROB_THRESHOLD}  # fmt: skip
     outputs = asr([str(p) for p in paths], batch_size=8, generate_kwargs=options)
     return [output["text"].strip() for output in outputs]
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from datasets import concatenate_datasets  # noqa: E402
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, WhisperForConditionalGeneration  # noqa: E402
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor  # noqa: E402
@@ -34,6 +35,7 @@ from processing import SpeechSeq2SeqCollator, WaveformAugmenter, load_asr_datase
 from processing.metrics import english_normalizer, make_compute_metrics  # noqa: E402
 from processing.text_data import (  # noqa: E402
     TextPairCollator,
+    copy_pairs,
     prepare_text_pairs,
     read_text_pairs,
     split_held_out,
@@ -96,6 +98,14 @@ class DataArguments:
     src_lang: str | None = field(default=None, metadata={"help": "source language token; default: source_column"})
     tgt_lang: str | None = field(default=None, metadata={"help": "target language token; default: target_column"})
     held_out_size: int = field(default=500, metadata={"help": "pairs held out (hashed ids), written to OUT"})
+    text_encoder_layers: int | None = field(
+        default=None, metadata={"help": "encoder layers text runs through when train.py adds the text front-end"}
+    )
+    copy_fraction: float = field(
+        default=0.0,
+        metadata={"help": "add this share of training sources as source->source copies (decoder prompted with the "
+                  "source language): teaches cross-attention to read the text encoder"},
+    )  # fmt: skip
     max_source_length: int = field(default=128, metadata={"help": "drop text pairs with longer source ids"})
     preprocessing_num_workers: int | None = field(
         default=None,
@@ -224,8 +234,12 @@ def load_text_splits(args: DataArguments, model, processor, seed: int, output_di
         held_out = held_out.select(range(min(args.max_eval_samples, len(held_out))))
     lengths = dict(max_source_length=args.max_source_length, max_label_length=args.max_label_length)
     encode = dict(tokenizer=processor.tokenizer, generation_config=model.generation_config, src_lang=src_lang,
-                  tgt_lang=tgt_lang, **lengths)  # fmt: skip
-    return prepare_text_pairs(train, **encode), prepare_text_pairs(held_out, **encode)
+                  **lengths)  # fmt: skip
+    prepared = prepare_text_pairs(train, tgt_lang=tgt_lang, **encode)
+    if args.copy_fraction:
+        copies = copy_pairs(train, args.copy_fraction, seed)
+        prepared = concatenate_datasets([prepared, prepare_text_pairs(copies, tgt_lang=src_lang, **encode)])
+    return prepared, prepare_text_pairs(held_out, tgt_lang=tgt_lang, **encode)
 
 
 def prepare_splits(train, evaluation, processor, args: DataArguments, seed: int):
@@ -284,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = load_model(model_args)
     text_pairs = data_args.text_pairs_csv is not None
     if text_pairs and not model.config.text_frontend:
-        model.add_text_frontend()  # starts from the decoder's token and position embeddings
+        # the decoder's token embeddings, rescaled, and the encoder's positions
+        model.add_text_frontend(text_encoder_layers=data_args.text_encoder_layers)
     model = apply_training_mode(model, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
                                 model_args.lora_dropout)  # fmt: skip
     with training_args.main_process_first(desc="dataset preparation"):

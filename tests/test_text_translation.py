@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TINY, run_without_package, tiny_moe, tiny_random_dense
 from transformers import GenerationConfig
+from transformers.masking_utils import create_bidirectional_mask
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor
-from processing.text_data import TextPairCollator, prepare_text_pairs, read_text_pairs, split_held_out
+from processing.text_data import TextPairCollator, copy_pairs, prepare_text_pairs, read_text_pairs, split_held_out
 
 # Language and task tokens for the tiny random vocabulary (ids below TINY's vocab_size of 96).
 TINY_LANGUAGES = {"<|en|>": 80, "<|de|>": 81}
@@ -132,13 +133,35 @@ def test_audio_generation_is_unchanged_by_a_text_front_end():
     torch.testing.assert_close(with_text(features, decoder_input_ids=decoder_input_ids).logits, expected)
 
 
-def test_add_text_frontend_starts_from_the_decoder_embeddings():
+def test_add_text_frontend_starts_from_rescaled_decoder_tokens_and_the_encoder_positions():
     model = tiny_moe().add_text_frontend(max_text_positions=8)
     encoder, decoder = model.model.encoder, model.model.decoder
     assert model.config.text_frontend and model.config.max_text_positions == 8
-    assert torch.equal(encoder.embed_text_tokens.weight, decoder.embed_tokens.weight)
-    assert torch.equal(encoder.embed_text_positions.weight, decoder.embed_positions.weight[:8])
-    assert encoder.embed_text_tokens.weight.data_ptr() != decoder.embed_tokens.weight.data_ptr()  # a copy, not tied
+    tokens, source = encoder.embed_text_tokens.weight, decoder.embed_tokens.weight
+    scale = tokens.norm() / source.norm()
+    torch.testing.assert_close(tokens, source * scale)  # the decoder's embeddings, one factor apart
+    positions = encoder.embed_text_positions.weight
+    assert torch.equal(positions, encoder.embed_positions.weight[:8])  # the sinusoids the encoder layers read
+    rms = lambda weight: weight.pow(2).mean().sqrt()  # noqa: E731
+    torch.testing.assert_close(rms(tokens), rms(positions))  # token identity as loud as position
+    assert tokens.data_ptr() != source.data_ptr()  # a copy, not tied
+
+
+def test_text_runs_through_the_first_text_encoder_layers_only():
+    model = tiny_text_moe(text_encoder_layers=1).eval()
+    encoder = model.get_encoder()
+    ids, mask = _text_batch()
+    hidden = encoder.embed_text(ids, mask)
+    bidirectional = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
+    expected = encoder.layer_norm(encoder.layers[0](hidden, bidirectional))
+    output = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(output, expected)
+    with torch.no_grad():  # the later layers no longer touch text ...
+        for parameter in encoder.layers[1].parameters():
+            parameter.add_(1.0)
+    torch.testing.assert_close(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, output)
+    all_layers = tiny_text_moe().eval()  # ... which they do by default
+    assert not torch.allclose(all_layers.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state, output)
 
 
 def test_bad_text_inputs_and_settings_raise_clearly():
@@ -154,8 +177,12 @@ def test_bad_text_inputs_and_settings_raise_clearly():
         model.get_encoder()(input_ids=torch.ones(1, 11, dtype=torch.long))
     with pytest.raises(ValueError, match="already has a text front-end"):
         model.add_text_frontend()
-    with pytest.raises(ValueError, match="between 1 and the decoder's 16"):
-        tiny_moe().add_text_frontend(max_text_positions=17)
+    with pytest.raises(ValueError, match="between 1 and the encoder's 12"):
+        tiny_moe().add_text_frontend(max_text_positions=13)
+    with pytest.raises(ValueError, match="text_encoder_layers must be between 1 and encoder_layers=2, got 3"):
+        tiny_moe().add_text_frontend(max_text_positions=8, text_encoder_layers=3)
+    with pytest.raises(ValueError, match="text_encoder_layers must be between 1 and encoder_layers=2, got 0"):
+        WhisperMoEConfig(**TINY, text_encoder_layers=0)
     with pytest.raises(ValueError, match="Unknown language 'klingon'.*de, en"):
         model.generate(input_ids=ids, attention_mask=mask, language="klingon")
     with pytest.raises(ValueError, match="language='de'"):
@@ -277,6 +304,18 @@ def test_held_out_split_is_deterministic_and_shares_no_sentence_with_training(tm
     assert len(held_out) == 10 and not set(train["id"]) & set(held_out["id"])
     assert not (set(train["source"]) | set(train["target"])) & (set(held_out["source"]) | set(held_out["target"]))
     assert len(train) + len(held_out) in (40, 41)  # the duplicate goes only when its twin is held out
+
+
+def test_copy_pairs_copy_a_share_of_the_training_sources(tmp_path):
+    _write_pairs(tmp_path / "pairs.csv", 40)
+    train, held_out = split_held_out(read_text_pairs(tmp_path / "pairs.csv", "en", "de"), 10, seed=3)
+    copies = copy_pairs(train, 0.25, seed=0)
+    assert len(copies) == round(0.25 * len(train)) and copies["source"] == copies["target"]
+    assert set(copies["source"]) <= set(train["source"]) and not set(copies["source"]) & set(held_out["source"])
+    assert all(pair_id.endswith("#copy") for pair_id in copies["id"])
+    assert copies["id"] == copy_pairs(train, 0.25, seed=0)["id"] != copy_pairs(train, 0.25, seed=1)["id"]
+    with pytest.raises(ValueError, match="copy fraction must be in"):
+        copy_pairs(train, 1.5, seed=0)
 
 
 def test_text_pair_errors_name_the_problem(tmp_path):
