@@ -122,35 +122,10 @@ def _transcribe(args: argparse.Namespace) -> None:
             print(f"  [{begin:7.2f} -> {end if end is not None else float('nan'):7.2f}] {chunk['text'].strip()}")
 
 
-def _manifest_batches(manifest: Path, processor, limit: int, batch_size: int, split: str | None):
-    """Model inputs (features and teacher-forced labels) for the first `limit` rows of a path,text CSV (of `split`
-    when the CSV has a split column)."""
-    import csv
-
-    import torch
-
-    from .audio import SAMPLING_RATE, load_audio
-
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle) if split is None or row.get("split") == split][:limit]
-    if not rows or not {"path", "text"} <= set(rows[0]):
-        raise ValueError(f"{manifest} has no rows with path and text columns (split={split!r})")
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        audio = [load_audio(manifest.parent / row["path"], SAMPLING_RATE) for row in chunk]
-        features = processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt")
-        # without <|startoftranscript|>: the model prepends it when it shifts the labels right
-        ids = [processor.tokenizer(" " + row["text"]).input_ids[1:] for row in chunk]
-        labels = torch.full((len(ids), max(map(len, ids))), -100)
-        for row, row_ids in enumerate(ids):
-            labels[row, : len(row_ids)] = torch.tensor(row_ids)
-        yield {"input_features": features.input_features, "labels": labels}
-
-
 def _prune_experts(args: argparse.Namespace) -> None:
     from .modeling_whisper_moe import WhisperMoEForConditionalGeneration
     from .processing_whisper_moe import WhisperMoEProcessor
-    from .pruning import check_keep, prune_experts, routing_counts
+    from .pruning import check_keep, manifest_batches, prune_experts, routing_counts
 
     manifest = Path(args.manifest)
     if not manifest.is_file():
@@ -159,7 +134,7 @@ def _prune_experts(args: argparse.Namespace) -> None:
     check_keep(model.config, args.keep)  # before the slow part
     processor = WhisperMoEProcessor.from_pretrained(args.src)
     print(f"Counting expert choices on {args.limit} rows of {manifest} ...", file=sys.stderr)
-    counts = routing_counts(model, _manifest_batches(manifest, processor, args.limit, args.batch_size, args.split))
+    counts = routing_counts(model, manifest_batches(manifest, processor, args.limit, args.batch_size, args.split))
     prune_experts(model, counts, args.keep)
     with atomic_directory(args.dst) as staging:
         model.save_pretrained(staging)

@@ -244,3 +244,21 @@ def test_pruning_unused_experts_keeps_the_outputs():
     torch.testing.assert_close(pruned(features, labels=labels).logits, expected)
     with pytest.raises(ValueError, match="keep must be between"):
         prune_experts(pruned, counts, keep=1)
+
+
+def test_routing_counts_count_real_tokens_only():
+    from modeling_whisper_moe.pruning import routing_counts
+
+    model = tiny_moe()
+    features, labels = _inputs()
+    top_k, positions = model.config.num_experts_per_tok, TINY_FRAMES // 2
+    every = routing_counts(model, [{"input_features": features, "labels": labels}])
+    assert every["model.encoder.layers.0.mlp"].sum() == 2 * positions * top_k
+    assert every["model.decoder.layers.0.mlp"].sum() == labels.numel() * top_k
+    labels[1, 3:] = -100  # row 1 has 3 real labels
+    attention_mask = torch.ones(2, TINY_FRAMES, dtype=torch.long)
+    attention_mask[0, 10:] = 0  # row 0 has 10 real frames: 5 encoder positions
+    batch = {"input_features": features, "attention_mask": attention_mask, "labels": labels}
+    real = routing_counts(model, [batch])
+    assert real["model.encoder.layers.0.mlp"].sum() == (5 + positions) * top_k
+    assert real["model.decoder.layers.0.mlp"].sum() == (5 + 3) * top_k
