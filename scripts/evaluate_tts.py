@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--speaker", default="none", help="voice index for a one-hot speaker embedding, or none")
     parser.add_argument("--output", default=str(REPO_ROOT / "results" / "tts-digits.json"))
     parser.add_argument("--audio_dir", default=None, help="keep the synthesised audio here (default: temporary)")
+    parser.add_argument("--no_fallback", action="store_true", help="transcribe greedily only, no temperature fallback")
     args = parser.parse_args(argv)
 
     sequences = held_out_sequences(args.num_sequences, args.seed)
@@ -162,13 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
         systems = {"model": model_paths, "espeak": espeak_paths, "espeak_vocoded": vocoded_paths}
         # one process per system: three single-threaded workers finish sooner than one on a shared machine
         with ProcessPoolExecutor(max_workers=len(systems)) as pool:
-            outputs = pool.map(transcribe, systems.values(), [whisper] * len(systems))
+            fallback = [not args.no_fallback] * len(systems)
+            outputs = pool.map(transcribe, systems.values(), [whisper] * len(systems), fallback)
             transcripts = dict(zip(systems, outputs))
         transcribe_seconds = time.perf_counter() - started
     results = {
         "model": str(args.model),
         "whisper": args.whisper,
         "speaker": args.speaker,
+        "whisper_decoding": "greedy" if args.no_fallback else f"temperature fallback {list(FALLBACK_TEMPERATURES)}",
         "num_sequences": len(sequences),
         "held_out_rule": "sha1(sequence) % 10 == 0; training sequences contain no held-out 4-digit window",
         "scores": {name: score(name, references, transcripts[name]) for name in transcripts},

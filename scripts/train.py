@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     if text_pairs and not model.config.text_frontend:
         # the decoder's token embeddings, rescaled, and the encoder's positions
         model.add_text_frontend(text_encoder_layers=data_args.text_encoder_layers)
+    elif text_pairs and data_args.text_encoder_layers is not None:  # a trained front-end, given a new depth
+        model.config.check_text_encoder_layers(data_args.text_encoder_layers)
+        model.config.text_encoder_layers = data_args.text_encoder_layers
     model = apply_training_mode(model, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
                                 model_args.lora_dropout)  # fmt: skip
     with training_args.main_process_first(desc="dataset preparation"):

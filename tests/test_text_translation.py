@@ -360,6 +360,7 @@ def test_train_script_on_text_pairs_writes_a_translating_folder(tiny_translation
     assert len(held_out["ids"]) == 4 and held_out["src_lang"] == "en" and held_out["tgt_lang"] == "de"
     config = json.loads((out / "config.json").read_text())
     assert config["text_frontend"] and "translation" in config["custom_pipelines"]
+    assert config["text_encoder_layers"] == 2  # the recipe's depth, set on the folder's trained front-end
     record = json.loads((out / "training_record.json").read_text())
     assert record["hyperparameters"]["training_mode"] == "attention"
     from transformers import pipeline
