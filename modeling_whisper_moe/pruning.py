@@ -78,7 +78,6 @@ def manifest_batches(
     """Model inputs (features and teacher-forced labels) for the first `limit` rows of a path,text CSV (of `split`
     when the CSV has a split column). `real_frames_only` adds the feature extractor's `attention_mask`, so that
     `routing_counts` leaves the 30 s window's padding out of the encoder's counts."""
-
     with open(manifest, newline="", encoding="utf-8") as handle:
         rows = [row for row in csv.DictReader(handle) if split is None or row.get("split") == split][:limit]
     if not rows or not {"path", "text"} <= set(rows[0]):

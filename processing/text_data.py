@@ -99,8 +99,8 @@ def copy_pairs(pairs: Dataset, fraction: float, seed: int) -> Dataset:
     """A `fraction` of `pairs` (drawn with `seed`) as source -> source copies, ids suffixed `#copy`.
 
     Mixed into translation training with the decoder prompted in the source language, copying is an easy task whose
-    only solution is to read the encoder: it teaches the new cross-attention to find the source tokens, which
-    translation then builds on.
+    only solution is to read the encoder, meant to teach a new cross-attention where the source tokens are (the
+    text-translation recipe uses 20 %; it has not been measured against a run without copies).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"copy fraction must be in (0, 1], got {fraction}.")

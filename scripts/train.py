@@ -71,6 +71,9 @@ class ModelArguments:
     language: str | None = field(default=None, metadata={"help": "language token for multilingual models, e.g. en"})
     task: str = field(default="transcribe", metadata={"help": "transcribe or translate (multilingual models)"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on GPU, fp32 on CPU), no"})
+    text_encoder_layers: int | None = field(
+        default=None, metadata={"help": "encoder layers text runs through (text_pairs_csv; default: all)"}
+    )
 
 
 @dataclass
@@ -98,9 +101,6 @@ class DataArguments:
     src_lang: str | None = field(default=None, metadata={"help": "source language token; default: source_column"})
     tgt_lang: str | None = field(default=None, metadata={"help": "target language token; default: target_column"})
     held_out_size: int = field(default=500, metadata={"help": "pairs held out (hashed ids), written to OUT"})
-    text_encoder_layers: int | None = field(
-        default=None, metadata={"help": "encoder layers text runs through when train.py adds the text front-end"}
-    )
     copy_fraction: float = field(
         default=0.0,
         metadata={"help": "add this share of training sources as source->source copies (decoder prompted with the "
@@ -299,10 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     text_pairs = data_args.text_pairs_csv is not None
     if text_pairs and not model.config.text_frontend:
         # the decoder's token embeddings, rescaled, and the encoder's positions
-        model.add_text_frontend(text_encoder_layers=data_args.text_encoder_layers)
-    elif text_pairs and data_args.text_encoder_layers is not None:  # a trained front-end, given a new depth
-        model.config.check_text_encoder_layers(data_args.text_encoder_layers)
-        model.config.text_encoder_layers = data_args.text_encoder_layers
+        model.add_text_frontend(text_encoder_layers=model_args.text_encoder_layers)
+    elif text_pairs and model_args.text_encoder_layers is not None:  # a trained front-end, given a new depth
+        model.config.check_text_encoder_layers(model_args.text_encoder_layers)
+        model.config.text_encoder_layers = model_args.text_encoder_layers
     model = apply_training_mode(model, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
                                 model_args.lora_dropout)  # fmt: skip
     with training_args.main_process_first(desc="dataset preparation"):
