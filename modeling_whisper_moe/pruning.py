@@ -42,9 +42,8 @@ def routing_counts(
 
             def record(_module, _inputs, outputs, block=block, side=side):
                 chosen = outputs[2].reshape(-1, outputs[2].shape[-1]).cpu()  # (tokens, top_k)
-                mask = masks[side]
-                if mask is not None and mask.numel() == chosen.shape[0]:
-                    chosen = chosen[mask.reshape(-1).cpu()]
+                if masks[side] is not None:
+                    chosen = chosen[masks[side].reshape(-1).cpu()]
                 counts[block] += torch.bincount(chosen.reshape(-1), minlength=counts[block].numel())
 
             handles.append(module.register_forward_hook(record))

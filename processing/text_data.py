@@ -37,6 +37,7 @@ __all__ = [
     "copy_pairs",
     "prepare_text_pairs",
     "read_held_out_ids",
+    "read_held_out_pairs",
     "read_text_pairs",
     "split_held_out",
     "write_held_out_ids",
@@ -123,6 +124,28 @@ def read_held_out_ids(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"No held-out ids at {path}; train.py writes them next to the model.")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_held_out_pairs(
+    record: Mapping[str, Any], base_dir: str | Path, csv_path: str | Path | None = None, limit: int | None = None
+) -> Dataset:
+    """The pairs a held-out record names (its first `limit` ids), in the record's order, as `read_text_pairs` gives
+    them. The CSV is `csv_path` or the record's, which train.py stores as given: a relative one that does not exist
+    from here is looked up under `base_dir` (where training ran).
+
+    Raises:
+        ValueError: an id of the record is not in the CSV.
+    """
+    csv_path = Path(csv_path or record["csv"])
+    if not csv_path.is_absolute() and not csv_path.exists():
+        csv_path = Path(base_dir) / csv_path
+    pairs = read_text_pairs(csv_path, record["source_column"], record["target_column"])
+    row_of = {pair_id: row for row, pair_id in enumerate(pairs["id"])}
+    ids = record["ids"][:limit]
+    missing = [pair_id for pair_id in ids if pair_id not in row_of]
+    if missing:
+        raise ValueError(f"{len(missing)} held-out ids are not in {csv_path}, e.g. {missing[0]!r}.")
+    return pairs.select([row_of[pair_id] for pair_id in ids])
 
 
 def prepare_text_pairs(

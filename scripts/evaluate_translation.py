@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
-from processing.text_data import read_held_out_ids, read_text_pairs  # noqa: E402
+from processing.text_data import read_held_out_ids, read_held_out_pairs  # noqa: E402
 from scripts.isolation import run_isolated  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 16
@@ -66,15 +66,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def held_out_pairs(args: argparse.Namespace) -> tuple[dict, list[str], list[str]]:
     """The held-out record and its (sources, references), in the record's id order."""
     record = read_held_out_ids(args.held_out or args.model[0])
-    csv_path = Path(args.pairs or record["csv"])
-    if not csv_path.is_absolute() and not csv_path.exists():
-        csv_path = REPO_ROOT / csv_path  # train.py records the path as given, relative to where it ran
-    pairs = read_text_pairs(csv_path, record["source_column"], record["target_column"]).to_pandas().set_index("id")
-    missing = [pair_id for pair_id in record["ids"] if pair_id not in pairs.index]
-    if missing:
-        raise ValueError(f"{len(missing)} held-out ids are not in {csv_path}, e.g. {missing[0]!r}.")
-    chosen = pairs.loc[record["ids"][: args.limit]]
-    return record, chosen["source"].tolist(), chosen["target"].tolist()
+    chosen = read_held_out_pairs(record, REPO_ROOT, csv_path=args.pairs, limit=args.limit)
+    return record, list(chosen["source"]), list(chosen["target"])
 
 
 def zero_shot_folder(dense: str, workdir: Path) -> Path:

@@ -28,7 +28,12 @@ import torch  # noqa: E402
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor  # noqa: E402
 from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
 from modeling_whisper_moe.pruning import manifest_batches, routing_counts  # noqa: E402
-from processing.text_data import TextPairCollator, prepare_text_pairs, read_held_out_ids, read_text_pairs  # noqa: E402
+from processing.text_data import (  # noqa: E402
+    TextPairCollator,
+    prepare_text_pairs,
+    read_held_out_ids,
+    read_held_out_pairs,
+)
 
 TOP = 2  # busiest experts listed per task and block
 
@@ -36,12 +41,7 @@ TOP = 2  # busiest experts listed per task and block
 def text_batches(model, processor, folder: Path, limit: int, batch_size: int):
     """Teacher-forced batches of the held-out pairs recorded in `folder` (as train.py encoded them)."""
     record = read_held_out_ids(folder)
-    csv_path = Path(record["csv"])
-    if not csv_path.is_absolute() and not csv_path.exists():
-        csv_path = REPO_ROOT / csv_path
-    pairs = read_text_pairs(csv_path, record["source_column"], record["target_column"])
-    held_out = set(record["ids"][:limit])
-    pairs = pairs.filter(lambda pair: pair["id"] in held_out)
+    pairs = read_held_out_pairs(record, REPO_ROOT, limit=limit)
     prepared = prepare_text_pairs(pairs, processor.tokenizer, model.generation_config, record["src_lang"],
                                   record["tgt_lang"], model.config.max_text_positions, 448)  # fmt: skip
     collate = TextPairCollator(model.config.pad_token_id)

@@ -12,7 +12,14 @@ from transformers import GenerationConfig
 from transformers.masking_utils import create_bidirectional_mask
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor
-from processing.text_data import TextPairCollator, copy_pairs, prepare_text_pairs, read_text_pairs, split_held_out
+from processing.text_data import (
+    TextPairCollator,
+    copy_pairs,
+    prepare_text_pairs,
+    read_held_out_pairs,
+    read_text_pairs,
+    split_held_out,
+)
 
 # Language and task tokens for the tiny random vocabulary (ids below TINY's vocab_size of 96).
 TINY_LANGUAGES = {"<|en|>": 80, "<|de|>": 81}
@@ -316,6 +323,16 @@ def test_copy_pairs_copy_a_share_of_the_training_sources(tmp_path):
     assert copies["id"] == copy_pairs(train, 0.25, seed=0)["id"] != copy_pairs(train, 0.25, seed=1)["id"]
     with pytest.raises(ValueError, match="copy fraction must be in"):
         copy_pairs(train, 1.5, seed=0)
+
+
+def test_held_out_pairs_come_back_in_record_order_from_a_relative_csv(tmp_path):
+    _write_pairs(tmp_path / "pairs.csv", 10)
+    record = {"csv": "pairs.csv", "source_column": "en", "target_column": "de", "ids": ["pair-007", "pair-002"]}
+    pairs = read_held_out_pairs(record, base_dir=tmp_path)  # "pairs.csv" is not in the working directory
+    assert list(pairs["id"]) == ["pair-007", "pair-002"] and pairs[0]["source"] == "Tom has 7 apples."
+    assert list(read_held_out_pairs(record, base_dir=tmp_path, limit=1)["id"]) == ["pair-007"]
+    with pytest.raises(ValueError, match="1 held-out ids are not in .*'pair-404'"):
+        read_held_out_pairs({**record, "ids": ["pair-001", "pair-404"]}, base_dir=tmp_path)
 
 
 def test_text_pair_errors_name_the_problem(tmp_path):
