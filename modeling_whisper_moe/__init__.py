@@ -22,7 +22,7 @@ from .modeling_whisper_moe import (
     load_balancing_loss,
     router_z_loss,
 )
-from .modeling_whisper_moe_tts import WhisperMoEForTextToSpeech
+from .modeling_whisper_moe_tts import WhisperMoEForSpeechAndText, WhisperMoEForTextToSpeech
 from .pipeline_text_to_audio import WhisperMoETextToAudioPipeline
 from .pipeline_whisper_moe import WhisperMoEASRPipeline
 from .processing_whisper_moe import WhisperMoEProcessor
@@ -31,15 +31,22 @@ __version__ = "0.1.0"
 
 AutoConfig.register(WhisperMoEConfig.model_type, WhisperMoEConfig, exist_ok=True)
 AutoModel.register(WhisperMoEConfig, WhisperMoEModel, exist_ok=True)
-AutoModelForSpeechSeq2Seq.register(WhisperMoEConfig, WhisperMoEForConditionalGeneration, exist_ok=True)
+# Two classes answer for one config: transformers picks the one in the folder's config.architectures (the first
+# when none matches), so a generalist folder loads as the generalist even when this package is importable.
+AutoModelForSpeechSeq2Seq.register(
+    WhisperMoEConfig, (WhisperMoEForConditionalGeneration, WhisperMoEForSpeechAndText), exist_ok=True
+)
 AutoProcessor.register(WhisperMoEConfig, WhisperMoEProcessor, exist_ok=True)
-AutoModelForTextToSpectrogram.register(WhisperMoEConfig, WhisperMoEForTextToSpeech, exist_ok=True)
+AutoModelForTextToSpectrogram.register(
+    WhisperMoEConfig, (WhisperMoEForTextToSpeech, WhisperMoEForSpeechAndText), exist_ok=True
+)
 WhisperMoEProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "WhisperMoEASRPipeline",
     "WhisperMoEConfig",
     "WhisperMoEForConditionalGeneration",
+    "WhisperMoEForSpeechAndText",
     "WhisperMoEForTextToSpeech",
     "WhisperMoEModel",
     "WhisperMoEPreTrainedModel",

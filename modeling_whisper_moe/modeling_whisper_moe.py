@@ -710,6 +710,8 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
     """WhisperMoE with Whisper's language-model head and all of Whisper's generation (languages, tasks, timestamps,
     prompts, long-form). Make one from a dense checkpoint with [`from_dense`](upcycling.py)."""
 
+    hub_auto_map: dict[str, str] = {}  # Auto classes a subclass answers in the folders it saves (over AUTO_MAP)
+
     def __init__(self, config: WhisperMoEConfig):
         WhisperMoEPreTrainedModel.__init__(self, config)
         self.model = WhisperMoEModel(config)
@@ -910,7 +912,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Write a self-contained Hub folder: weights, config with `auto_map` and `custom_pipelines`, the code, and a
         model card (kept if the folder already has a README.md). Files land atomically."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP, **self.hub_auto_map}
         self.config.custom_pipelines = merged_custom_pipelines(self.config, save_directory)
         with atomic_directory(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)

@@ -14,6 +14,12 @@ divides the decoder's work by that factor; token durations are then whole multip
 
 Training uses known durations (frames per token); generation predicts them, so the output length is decided up
 front and every frame is computed in one pass. [`vocoder.py`](vocoder.py) turns the frames into audio.
+
+Two models share this speech output ([`SpeechOutputMixin`]): [`WhisperMoEForTextToSpeech`], a text-to-speech model
+with its own encoder and mel-decoder layers, and [`WhisperMoEForSpeechAndText`], the generalist: Whisper's
+encoder-decoder (speech or text in, text out) whose same encoder and decoder layers, with the same experts, also
+speak. Which task runs is decided by the inputs: audio features or token ids into the encoder, and either the
+decoder's prompt (language and task tokens, text out) or durations (mel frames out).
 """
 
 import contextlib
@@ -33,6 +39,8 @@ from .hub import AUTO_MAP, atomic_directory, copy_hub_code, merged_custom_pipeli
 from .modeling_whisper_moe import (
     WhisperMoEDecoderLayer,
     WhisperMoEEncoder,
+    WhisperMoEForConditionalGeneration,
+    WhisperMoEOutput,
     WhisperMoEPreTrainedModel,
     WhisperMoERouter,
     load_balancing_loss,
@@ -44,6 +52,7 @@ POSTNET_KERNEL = 5  # frames each post-net convolution sees (Tacotron 2)
 DURATION_KERNEL = 3  # tokens each duration-predictor convolution sees
 MAX_TIMESCALE = 10_000.0  # longest period of the sinusoidal position features, as in Whisper and the Transformer
 TTS_CLASS = "modeling_whisper_moe_tts.WhisperMoEForTextToSpeech"
+GENERALIST_CLASS = "modeling_whisper_moe_tts.WhisperMoEForSpeechAndText"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,37 +202,48 @@ class WhisperMoETextToSpeechOutput(ModelOutput):
     decoder_z_loss: torch.Tensor | None = None
 
 
-class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
-    """Text -> Whisper log-mel frames with the WhisperMoE encoder and MoE decoder layers (see the module docstring).
+class SpeechOutputMixin:
+    """Log-mel output for a WhisperMoE model with a text front-end (see the module docstring).
 
-    Needs `config.text_frontend=True` (the encoder's text front-end). The encoder's audio front-end stays in place,
-    unused here, so the same encoder weights can serve speech recognition.
+    The host model provides the text encoder (`speech_encoder`), the decoder layers the frames run through
+    (`speech_decoder_layers`) and their final norm (`speech_decoder_norm`), and calls `_init_speech_heads` in its
+    `__init__`; this mixin adds the speech-only parts (speaker projection, duration predictor, frame-progress
+    projection, mel head, post-net) and the speech forward, loss and generation.
     """
 
-    main_input_name = "input_ids"
-    _no_split_modules = ["WhisperMoEEncoderLayer", "WhisperMoEDecoderLayer"]
+    config: WhisperMoEConfig
 
-    def __init__(self, config: WhisperMoEConfig):
+    @property
+    def speech_encoder(self) -> WhisperMoEEncoder:
+        raise NotImplementedError
+
+    @property
+    def speech_decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def speech_decoder_norm(self) -> nn.LayerNorm:
+        raise NotImplementedError
+
+    def _init_speech_heads(self, config: WhisperMoEConfig) -> None:
         if not config.text_frontend:
-            raise ValueError("WhisperMoEForTextToSpeech reads text: it needs config.text_frontend=True, got False.")
-        super().__init__(config)
-        self.encoder = WhisperMoEEncoder(config)
+            raise ValueError(
+                f"{type(self).__name__} speaks text: it needs config.text_frontend=True (the encoder's text "
+                "front-end), got False."
+            )
         speaker_dim = config.tts_speaker_embedding_dim
         self.speaker_projection = nn.Linear(speaker_dim, config.d_model) if speaker_dim > 0 else None
         self.duration_predictor = DurationPredictor(config)
         # where a frame sits inside its token (frames since its start, frames to its end) -> d_model
         self.progress_projection = nn.Linear(2 * config.d_model, config.d_model)
-        self.decoder_layers = nn.ModuleList([WhisperMoEDecoderLayer(config, i) for i in range(config.decoder_layers)])
-        self.decoder_layer_norm = nn.LayerNorm(config.d_model)
         self.mel_head = nn.Linear(config.d_model, config.tts_reduction_factor * config.num_mel_bins)
         self.postnet = PostNet(config) if config.tts_postnet_layers > 0 else None
-        self.post_init()
 
     def encode_text(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, speaker_embeddings: torch.Tensor | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(batch, text_len) ids -> (batch, text_len, d_model) encoding with the speaker added, and router logits."""
-        encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+        encoded = self.speech_encoder(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
         hidden_states = encoded.last_hidden_state
         if self.speaker_projection is not None:
             if speaker_embeddings is None:
@@ -267,8 +287,8 @@ class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
         num_steps, dtype = hidden_states.shape[1], hidden_states.dtype
         self_mask = padding_bias(step_mask, num_steps, dtype)
         cross_mask = padding_bias(attention_mask, num_steps, dtype)
-        with recording_router_logits(self.decoder_layers) as router_logits:
-            for layer in self.decoder_layers:
+        with recording_router_logits(self.speech_decoder_layers) as router_logits:
+            for layer in self.speech_decoder_layers:
                 hidden_states = layer(
                     hidden_states,
                     attention_mask=self_mask,
@@ -277,14 +297,14 @@ class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
                     cache=None,
                     use_cache=False,
                 )
-        mel = self.mel_head(self.decoder_layer_norm(hidden_states))  # (batch, steps, reduction * num_mel_bins)
+        mel = self.mel_head(self.speech_decoder_norm(hidden_states))  # (batch, steps, reduction * num_mel_bins)
         mel = mel.reshape(len(mel), num_steps * reduction, self.config.num_mel_bins)
         frame_mask = step_mask.repeat_interleave(reduction, dim=1)
         if self.postnet is not None:
             mel = self.postnet(mel, frame_mask)
         return mel, frame_mask, step_mask, tuple(router_logits)
 
-    def forward(
+    def forward_speech(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
@@ -293,7 +313,7 @@ class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
         labels_mask: torch.Tensor | None = None,
         speaker_embeddings: torch.Tensor | None = None,
     ) -> WhisperMoETextToSpeechOutput:
-        """Teacher-forced pass.
+        """Teacher-forced text-to-speech pass.
 
         input_ids, attention_mask: (batch, text_len); durations: (batch, text_len) frames per token (predicted when
         None); labels: (batch, frames, num_mel_bins) target log-mel with labels_mask (batch, frames); speaker
@@ -307,7 +327,7 @@ class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
         if durations is None:
             durations = self.durations_from_log(log_durations, attention_mask)
         mel, frame_mask, step_mask, decoder_logits = self.decode_frames(text_states, attention_mask, durations)
-        router_losses = self._router_losses(encoder_logits, attention_mask, decoder_logits, step_mask)
+        router_losses = self._speech_router_losses(encoder_logits, attention_mask, decoder_logits, step_mask)
         output = WhisperMoETextToSpeechOutput(
             spectrogram=mel, log_durations=log_durations, frames_mask=frame_mask, **router_losses
         )
@@ -352,14 +372,14 @@ class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        output = self.forward(input_ids, attention_mask, speaker_embeddings=speaker_embeddings)
+        output = self.forward_speech(input_ids, attention_mask, speaker_embeddings=speaker_embeddings)
         if speed != 1.0:
             durations = self.durations_from_log(output.log_durations, attention_mask, speed)
-            output = self.forward(input_ids, attention_mask, durations, speaker_embeddings=speaker_embeddings)
+            output = self.forward_speech(input_ids, attention_mask, durations, speaker_embeddings=speaker_embeddings)
         lengths = output.frames_mask.sum(dim=-1).tolist()
         return [mel[:length] for mel, length in zip(output.spectrogram, lengths)]
 
-    def _router_losses(
+    def _speech_router_losses(
         self,
         encoder_logits: tuple[torch.Tensor, ...],
         attention_mask: torch.Tensor,
@@ -382,6 +402,51 @@ class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
             losses["aux_loss"] = weighted if losses["aux_loss"] is None else losses["aux_loss"] + weighted
         return losses
 
+
+class WhisperMoEForTextToSpeech(SpeechOutputMixin, WhisperMoEPreTrainedModel):
+    """Text -> Whisper log-mel frames with the WhisperMoE encoder and MoE decoder layers (see the module docstring).
+
+    Needs `config.text_frontend=True` (the encoder's text front-end). The encoder's audio front-end stays in place,
+    unused here, so the same encoder weights can serve speech recognition.
+    """
+
+    main_input_name = "input_ids"
+    _no_split_modules = ["WhisperMoEEncoderLayer", "WhisperMoEDecoderLayer"]
+
+    def __init__(self, config: WhisperMoEConfig):
+        if not config.text_frontend:
+            raise ValueError("WhisperMoEForTextToSpeech reads text: it needs config.text_frontend=True, got False.")
+        super().__init__(config)
+        self.encoder = WhisperMoEEncoder(config)
+        self._init_speech_heads(config)
+        self.decoder_layers = nn.ModuleList([WhisperMoEDecoderLayer(config, i) for i in range(config.decoder_layers)])
+        self.decoder_layer_norm = nn.LayerNorm(config.d_model)
+        self.post_init()
+
+    @property
+    def speech_encoder(self) -> WhisperMoEEncoder:
+        return self.encoder
+
+    @property
+    def speech_decoder_layers(self) -> nn.ModuleList:
+        return self.decoder_layers
+
+    @property
+    def speech_decoder_norm(self) -> nn.LayerNorm:
+        return self.decoder_layer_norm
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        durations: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        labels_mask: torch.Tensor | None = None,
+        speaker_embeddings: torch.Tensor | None = None,
+    ) -> WhisperMoETextToSpeechOutput:
+        """See [`SpeechOutputMixin.forward_speech`]."""
+        return self.forward_speech(input_ids, attention_mask, durations, labels, labels_mask, speaker_embeddings)
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Write a self-contained Hub folder (weights, config with auto_map and custom_pipelines, code) atomically;
         `AutoModel` and `AutoModelForTextToSpectrogram` load this class."""
@@ -393,6 +458,94 @@ class WhisperMoEForTextToSpeech(WhisperMoEPreTrainedModel):
             copy_hub_code(staging)
             if not (Path(save_directory) / "README.md").exists():
                 (staging / "README.md").write_text(_model_card(self), encoding="utf-8")
+
+
+class WhisperMoEForSpeechAndText(SpeechOutputMixin, WhisperMoEForConditionalGeneration):
+    """The generalist: one WhisperMoE encoder-decoder for speech recognition and translation (audio in), text
+    translation (token ids in) and text-to-speech (token ids in, log-mel out).
+
+    Everything of [`WhisperMoEForConditionalGeneration`] (Whisper's generation, the text front-end, packed audio),
+    plus speech output through the same encoder and decoder layers: for speech the decoder layers read
+    frame positions instead of token embeddings, attend to all frames rather than causally, and a mel head replaces
+    the language-model head. The forward picks the task from its inputs: `durations` or `spectrogram_labels` mean
+    speech out, anything else is Whisper's text output. Needs `config.text_frontend=True`.
+    """
+
+    # the folders it saves load this class for speech-to-text, translation and text-to-speech alike
+    hub_auto_map = {"AutoModelForSpeechSeq2Seq": GENERALIST_CLASS, "AutoModelForTextToSpectrogram": GENERALIST_CLASS}
+
+    def __init__(self, config: WhisperMoEConfig):
+        super().__init__(config)
+        self._init_speech_heads(config)
+        self.post_init()
+
+    @property
+    def speech_encoder(self) -> WhisperMoEEncoder:
+        return self.model.encoder
+
+    @property
+    def speech_decoder_layers(self) -> nn.ModuleList:
+        return self.model.decoder.layers
+
+    @property
+    def speech_decoder_norm(self) -> nn.LayerNorm:
+        return self.model.decoder.layer_norm
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        encoder_outputs: tuple | None = None,
+        cache=None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        decoder_position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        durations: torch.LongTensor | None = None,
+        spectrogram_labels: torch.Tensor | None = None,
+        spectrogram_mask: torch.Tensor | None = None,
+        speaker_embeddings: torch.Tensor | None = None,
+        **kwargs,
+    ) -> WhisperMoEOutput | WhisperMoETextToSpeechOutput:
+        """Text out: Whisper's forward (see [`WhisperMoEForConditionalGeneration.forward`]). Speech out, when
+        `durations` (batch, text_len) or `spectrogram_labels` (batch, frames, num_mel_bins) are given: the
+        text-to-speech pass of [`SpeechOutputMixin.forward_speech`] on `input_ids`, with `spectrogram_mask` and
+        `speaker_embeddings`."""
+        if durations is not None or spectrogram_labels is not None:
+            text_only = {"input_features": input_features, "labels": labels, "decoder_input_ids": decoder_input_ids,
+                         "encoder_outputs": encoder_outputs}  # fmt: skip
+            mixed = [name for name, value in text_only.items() if value is not None]
+            if input_ids is None or mixed:
+                raise ValueError(
+                    "Speech output (durations / spectrogram_labels given) reads text: pass input_ids and none of "
+                    f"{', '.join(text_only)}; got input_ids={'set' if input_ids is not None else None}, also {mixed}."
+                )
+            return self.forward_speech(
+                input_ids, attention_mask, durations, spectrogram_labels, spectrogram_mask, speaker_embeddings
+            )
+        if speaker_embeddings is not None or spectrogram_mask is not None:
+            raise ValueError("speaker_embeddings and spectrogram_mask belong to speech output: pass durations too.")
+        return super().forward(
+            input_features,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            decoder_position_ids=decoder_position_ids,
+            labels=labels,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            num_items_in_batch=num_items_in_batch,
+            input_ids=input_ids,
+            **kwargs,
+        )
 
 
 def _model_card(model: WhisperMoEForTextToSpeech) -> str:
@@ -410,4 +563,9 @@ def _model_card(model: WhisperMoEForTextToSpeech) -> str:
     )
 
 
-__all__ = ["WhisperMoEForTextToSpeech", "WhisperMoETextToSpeechOutput"]
+__all__ = [
+    "SpeechOutputMixin",
+    "WhisperMoEForSpeechAndText",
+    "WhisperMoEForTextToSpeech",
+    "WhisperMoETextToSpeechOutput",
+]

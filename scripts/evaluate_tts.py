@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default=str(REPO_ROOT / "results" / "tts-digits.json"))
     parser.add_argument("--audio_dir", default=None, help="keep the synthesised audio here (default: temporary)")
     parser.add_argument("--no_fallback", action="store_true", help="transcribe greedily only, no temperature fallback")
+    parser.add_argument("--no_ceilings", action="store_true", help="score the model only, not espeak-ng's own audio")
     args = parser.parse_args(argv)
 
     sequences = held_out_sequences(args.num_sequences, args.seed)
@@ -158,9 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = Path(args.audio_dir or scratch)
         out_dir.mkdir(parents=True, exist_ok=True)
         model_paths, synthesis = synthesise_with_model(args.model, texts, out_dir, args.speaker)
-        espeak_paths, vocoded_paths = synthesise_ceilings(texts, out_dir)
+        systems = {"model": model_paths}
+        if not args.no_ceilings:
+            systems["espeak"], systems["espeak_vocoded"] = synthesise_ceilings(texts, out_dir)
         started = time.perf_counter()
-        systems = {"model": model_paths, "espeak": espeak_paths, "espeak_vocoded": vocoded_paths}
         # one process per system: three single-threaded workers finish sooner than one on a shared machine
         with ProcessPoolExecutor(max_workers=len(systems)) as pool:
             fallback = [not args.no_fallback] * len(systems)

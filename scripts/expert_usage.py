@@ -8,15 +8,20 @@
 Runs teacher-forced batches of each task the folder serves and counts, per sparse block, the routing slots each
 expert gets from real tokens (padding left out):
 
-- speech recognition: `--speech` clips of `--manifest` (English, decoder prompted to transcribe);
-- text translation (a folder with `config.text_frontend`): `--text` of the pairs `scripts/train.py` held out.
+- speech recognition: `--speech` clips of `--manifest` (of its `--split` rows when given; English, decoder prompted
+  to transcribe);
+- text translation (a folder with `config.text_frontend`): `--text` of the pairs `scripts/train.py` held out;
+- speech synthesis (a generalist folder, `WhisperMoEForSpeechAndText`): `--speak` held-out digit sequences spoken by
+  the espeak-ng voices it was trained on, with their exact frame counts (needs espeak-ng).
 
-For every block it prints each task's busiest experts and the total variation distance between the tasks' expert
-shares (0: the tasks use the experts alike, 1: disjoint experts), and writes all shares to JSON.
+For every block it prints each task's busiest experts and the total variation distance between each pair of tasks'
+expert shares (0: the tasks use the experts alike, 1: disjoint experts), and writes all shares to JSON.
 """
 
 import argparse
+import itertools
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import torch  # noqa: E402
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor  # noqa: E402
 from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
+from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAndText  # noqa: E402
 from modeling_whisper_moe.pruning import manifest_batches, routing_counts  # noqa: E402
 from processing.text_data import (  # noqa: E402
     TextPairCollator,
@@ -34,6 +40,7 @@ from processing.text_data import (  # noqa: E402
     read_held_out_ids,
     read_held_out_pairs,
 )
+from processing.tts_data import DigitClipBank, digits_to_words, encode_utterance, held_out_sequences  # noqa: E402
 
 TOP = 2  # busiest experts listed per task and block
 
@@ -47,6 +54,23 @@ def text_batches(model, processor, folder: Path, limit: int, batch_size: int):
     collate = TextPairCollator(model.config.pad_token_id)
     for start in range(0, len(prepared), batch_size):
         yield collate([prepared[i] for i in range(start, min(start + batch_size, len(prepared)))])
+
+
+def speech_output_batches(model, processor, folder: Path, limit: int):
+    """Teacher-forced text-to-speech inputs, one sequence each (no padding): held-out 4-digit sequences spoken by
+    the espeak-ng voices, speeds and pitches of the folder's training record, with exact frames per token."""
+    data = json.loads((folder / "training_record.json").read_text(encoding="utf-8"))["data"]
+    bank = DigitClipBank.from_espeak(data["voices"], data["speeds"], data["pitches"])
+    rng = random.Random(0)
+    reduction = model.config.tts_reduction_factor
+    for digits in held_out_sequences(limit):
+        style = rng.choice(bank.styles)
+        pauses = [rng.randint(data["pause_frames_min"], data["pause_frames_max"]) for _ in digits]
+        waveform, word_frames = bank.speak(digits, style, pauses, reduction)
+        item = encode_utterance(digits_to_words(digits).split(), word_frames, waveform, style.voice, len(bank.voices),
+                                processor.tokenizer, reduction, model.config.num_mel_bins)  # fmt: skip
+        yield {"input_ids": item["input_ids"][None], "durations": item["durations"][None],
+               "speaker_embeddings": item["speaker_embeddings"][None]}  # fmt: skip
 
 
 def shares(counts: dict[str, torch.Tensor]) -> dict[str, list[float] | None]:
@@ -71,34 +95,53 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved WhisperMoE folder")
     parser.add_argument("--manifest", required=True, help="path,text CSV of English speech")
+    parser.add_argument("--split", default=None, help="only the manifest rows of this split (e.g. FSDD's test)")
     parser.add_argument("--speech", type=int, default=16, help="clips of speech")
     parser.add_argument("--text", type=int, default=128, help="held-out text pairs (text front-end folders)")
+    parser.add_argument("--speak", type=int, default=64, help="held-out digit sequences to speak (generalists)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--untrained", action="store_true", help="score the architecture freshly initialised (no-training baseline)"
+    )
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
 
     folder = Path(args.model)
-    model = WhisperMoEForConditionalGeneration.from_pretrained(folder).eval()
+    architecture = (json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or [""])[0]
+    generalist = architecture == WhisperMoEForSpeechAndText.__name__
+    model_class = WhisperMoEForSpeechAndText if generalist else WhisperMoEForConditionalGeneration
+    model = model_class.from_pretrained(folder).eval()
+    if args.untrained:
+        torch.manual_seed(0)
+        model = model_class(model.config).eval()
     processor = WhisperMoEProcessor.from_pretrained(folder)
     if getattr(model.generation_config, "is_multilingual", False):
         processor.tokenizer.set_prefix_tokens(language="en", task="transcribe")
     tasks = {"speech recognition": manifest_batches(Path(args.manifest), processor, args.speech, args.batch_size,
-                                                    split=None, real_frames_only=True)}  # fmt: skip
+                                                    split=args.split, real_frames_only=True)}  # fmt: skip
     if model.config.text_frontend:
         tasks["text translation"] = text_batches(model, processor, folder, args.text, args.batch_size)
+    if generalist:
+        tasks["speech synthesis"] = speech_output_batches(model, processor, folder, args.speak)
     usage = {task: shares(routing_counts(model, batches)) for task, batches in tasks.items()}
     blocks = list(next(iter(usage.values())))
     names = list(usage)
-    print(f"| sparse block | {' | '.join(f'{task}: busiest experts' for task in names)} | total variation |")
-    print(f"|---|{'---|' * len(names)}---:|")
-    distances = {}
+    pairs = list(itertools.combinations(names, 2))
+    header = " | ".join(f"TV {a} / {b}" for a, b in pairs)
+    print(f"| sparse block | {' | '.join(f'{task}: busiest experts' for task in names)} | {header} |")
+    print(f"|---|{'---|' * len(names)}{'---:|' * len(pairs)}")
+    distances = {f"{a} / {b}": {} for a, b in pairs}
     for block in blocks:
-        distance = total_variation(*(usage[task][block] for task in names)) if len(names) == 2 else None
-        distances[block] = distance
         cells = " | ".join(busiest(usage[task][block]) for task in names)
-        print(f"| {block.removeprefix('model.')} | {cells} | {'—' if distance is None else f'{distance:.2f}'} |")
-    report = {"model": str(folder), "manifest": args.manifest, "speech_clips": args.speech, "text_pairs": args.text,
-              "shares": usage, "total_variation": distances}  # fmt: skip
+        row = []
+        for a, b in pairs:
+            distance = distances[f"{a} / {b}"][block] = total_variation(usage[a][block], usage[b][block])
+            row.append("—" if distance is None else f"{distance:.2f}")
+        print(f"| {block.removeprefix('model.')} | {cells} | {' | '.join(row)} |")
+    report = {"model": str(folder), "untrained": args.untrained, "manifest": args.manifest, "split": args.split,
+              "speech_clips": args.speech, "text_pairs": args.text,
+              "speech_synthesis_sequences": args.speak if generalist else 0, "shares": usage,
+              "total_variation": distances}  # fmt: skip
     if args.output_json:
         output = Path(args.output_json)
         with atomic_directory(output.parent) as staging:

@@ -1,5 +1,6 @@
 """Shared fixtures: the data folder, tiny random configs, and real converted / upcycled tiny.en checkpoints."""
 
+import csv
 import os
 from pathlib import Path
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration
+from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, load_audio
+from modeling_whisper_moe.vocoder import SAMPLING_RATE
+from processing.tts_data import DigitClipBank, Style
 from scripts.isolation import run_isolated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +120,19 @@ def base_moe(tmp_path_factory) -> Path:
     model.save_pretrained(root / "moe")
     WhisperMoEProcessor.from_pretrained(dense).save_pretrained(root / "moe")
     return root / "moe"
+
+
+@pytest.fixture(scope="session")
+def fsdd_bank(data_dir) -> DigitClipBank:
+    """Two FSDD speakers' recordings of every digit, as a clip bank (no espeak-ng needed)."""
+    speakers = ["george", "jackson"]
+    clips = {}
+    with open(data_dir / "fsdd" / "manifest.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["speaker"] in speakers and row["path"].endswith("_0.wav"):
+                style = Style(speakers.index(row["speaker"]))
+                clips[(style, int(row["digit"]))] = load_audio(data_dir / "fsdd" / row["path"], SAMPLING_RATE)
+    return DigitClipBank(speakers, clips)
 
 
 def run_without_package(script: str, *args, tmp_path: Path) -> dict:

@@ -1,7 +1,6 @@
 """Text-to-speech: Whisper log-mel and the Griffin-Lim vocoder on real audio, the parallel model on a tiny random
 config, the digit corpus built from FSDD recordings, and the pipeline from a saved folder without the package."""
 
-import csv
 import random
 
 import numpy as np
@@ -17,9 +16,7 @@ from modeling_whisper_moe.pipeline_text_to_audio import normalize_tts_text, writ
 from modeling_whisper_moe.vocoder import HOP_LENGTH, SAMPLING_RATE, log_mel_spectrogram, mel_to_waveform
 from processing.tts_data import (
     AlignedRecordingsDataset,
-    DigitClipBank,
     SpokenDigitsDataset,
-    Style,
     TextToSpeechCollator,
     aligned_word_frames,
     contains_held_out,
@@ -164,19 +161,6 @@ def test_configuration_errors_name_the_problem():
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fsdd_bank(data_dir) -> DigitClipBank:
-    """Two FSDD speakers' recordings of every digit, as a clip bank (no espeak-ng needed)."""
-    speakers = ["george", "jackson"]
-    clips = {}
-    with open(data_dir / "fsdd" / "manifest.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row["speaker"] in speakers and row["path"].endswith("_0.wav"):
-                style = Style(speakers.index(row["speaker"]))
-                clips[(style, int(row["digit"]))] = load_audio(data_dir / "fsdd" / row["path"], SAMPLING_RATE)
-    return DigitClipBank(speakers, clips)
 
 
 def test_held_out_sequences_never_occur_in_training():
