@@ -79,8 +79,23 @@ print(asr("audio.flac", return_timestamps=True))
 or `AutoModelForSpeechSeq2Seq.from_pretrained("<this repo>", trust_remote_code=True)` with
 `AutoProcessor.from_pretrained("<this repo>", trust_remote_code=True)`. The code ships in this repository
 (made with [whisper-moe](https://pypi.org/project/whisper-moe/)).
-"""
+{_text_tasks(model)}"""
     return "\n".join(metadata) + "\n" + body + (_training_section(training) if training else "")
+
+
+def _text_tasks(model: torch.nn.Module) -> str:
+    """Use examples for the text front-end (translation) and speech output (text-to-speech), where the model has
+    them."""
+    lines = []
+    if model.config.text_frontend:
+        lines += ['translate = pipeline("translation", model="<this repo>", trust_remote_code=True)',
+                  'translate("Where is the station?", src_lang="en", tgt_lang="de")']  # fmt: skip
+    if hasattr(model, "generate_speech"):
+        lines += ['tts = pipeline("text-to-audio", model="<this repo>", trust_remote_code=True)',
+                  'speech = tts("three one four one")  # {"audio": array, "sampling_rate": 16000}']  # fmt: skip
+    if not lines:
+        return ""
+    return "\nText in (the encoder's text front-end) and speech out:\n\n```python\n" + "\n".join(lines) + "\n```\n"
 
 
 def _training_section(record: dict) -> str:

@@ -129,21 +129,21 @@ def parse_arguments(argv: list[str]):
     return (*parsed, {"path": str(recipe_path), **recipe})
 
 
-def task_plan(args: TaskArguments) -> tuple[dict[str, int], dict[str, int]]:
-    """({task: steps}, {task: batch size}) from the task flags, checked."""
-    unknown = sorted(set(args.tasks) - set(TASKS))
-    if unknown or not args.tasks or len(set(args.tasks)) != len(args.tasks):
-        raise ValueError(f"tasks must be distinct names from {TASKS}, got {args.tasks}.")
-    steps, batch_sizes = args.task_steps, args.task_batch_sizes
-    if len(steps) < len(args.tasks) or len(batch_sizes) < len(args.tasks):
-        raise ValueError(
-            f"give task_steps and task_batch_sizes for each of {args.tasks}, got {steps} and {batch_sizes}."
-        )
-    if len(args.tasks) < len(TASKS) and len(steps) > len(args.tasks):
-        # a single-task run from the full recipe: each task keeps its own step count and batch size
-        steps = [steps[TASKS.index(task)] for task in args.tasks]
-        batch_sizes = [batch_sizes[TASKS.index(task)] for task in args.tasks]
-    return dict(zip(args.tasks, steps)), dict(zip(args.tasks, batch_sizes))
+def task_plan(args: TaskArguments, listed: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """({task: steps}, {task: batch size}) from the task flags, checked.
+
+    `listed`: the tasks the step and batch-size lists follow, in order (the recipe's `tasks`). When `--tasks` picks
+    some of them, each keeps its own steps and batch size, so a single-task baseline matches the multi-task run.
+    """
+    tasks, steps, batch_sizes = args.tasks, args.task_steps, args.task_batch_sizes
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be distinct names from {TASKS}, got {tasks}.")
+    order = listed if len(steps) == len(batch_sizes) == len(listed) and set(tasks) <= set(listed) else tasks
+    if len(steps) != len(order) or len(batch_sizes) != len(order):
+        raise ValueError(f"give task_steps and task_batch_sizes for each of {order}, got {steps} and {batch_sizes}.")
+    plan = {task: (steps[order.index(task)], batch_sizes[order.index(task)]) for task in tasks}
+    return {task: plan[task][0] for task in tasks}, {task: plan[task][1] for task in tasks}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.set_seed(training_args.seed)
     if budget_args.num_threads:
         torch.set_num_threads(budget_args.num_threads)
-    steps, batch_sizes = task_plan(task_args)
+    steps, batch_sizes = task_plan(task_args, recipe.get("tasks", list(TASKS)))
     training_args.max_steps = sum(steps.values())
     if training_args.gradient_accumulation_steps != 1:
         raise ValueError("train_multitask.py steps one task per batch: gradient_accumulation_steps must be 1.")

@@ -275,6 +275,8 @@ def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, da
     assert record["tasks"] == {"asr": {"steps": 2, "batch_size": 2}, "translation": {"steps": 3, "batch_size": 2},
                                "tts": {"steps": 2, "batch_size": 2}}  # fmt: skip
     assert json.loads((out / "held_out_ids.json").read_text())["tgt_lang"] == "de"
+    card = (out / "README.md").read_text()
+    assert 'pipeline("translation"' in card and 'pipeline("text-to-audio"' in card
     clip = data_dir / "fsdd" / "recordings" / "0_george_0.wav"
     result = run_without_package(PIPELINES_SCRIPT, out, clip, tmp_path=tmp_path)
     assert result["leaked"] == []
@@ -290,3 +292,20 @@ def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, da
     assert single["train_wall_seconds"] > 0
     with pytest.raises(ValueError, match="distinct names"):
         main([str(recipe), "--output_dir", str(tmp_path / "x"), "--tasks", "asr", "speak", *tiny])
+
+
+def test_task_plan_keeps_each_tasks_steps_when_some_are_picked():
+    from scripts.train_multitask import TaskArguments, task_plan
+
+    listed = ["tts", "translation", "asr"]
+    full = TaskArguments(tasks=listed, task_steps=[30, 20, 10], task_batch_sizes=[16, 32, 8])
+    assert task_plan(full, listed) == (
+        {"tts": 30, "translation": 20, "asr": 10},
+        {"tts": 16, "translation": 32, "asr": 8},
+    )
+    picked = TaskArguments(tasks=["asr"], task_steps=[30, 20, 10], task_batch_sizes=[16, 32, 8])
+    assert task_plan(picked, listed) == ({"asr": 10}, {"asr": 8})
+    with pytest.raises(ValueError, match="for each of"):
+        task_plan(TaskArguments(tasks=["asr", "tts"], task_steps=[5], task_batch_sizes=[1]), listed)
+    with pytest.raises(ValueError, match="distinct names"):
+        task_plan(TaskArguments(tasks=["asr", "asr"], task_steps=[5, 5], task_batch_sizes=[1, 1]), listed)

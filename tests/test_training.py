@@ -150,6 +150,7 @@ def test_train_script_writes_a_hub_folder_with_a_model_card(tiny_random_moe, dat
     assert 0.0 <= record["metrics"]["eval_wer"]
     card = (out / "README.md").read_text()
     assert "## Training" in card and "eval_wer" in card and "yweweler" in card
+    assert "text-to-audio" not in card  # an ASR model: no speech-output example
     assert (out / "checkpoint-2").is_dir() and (out / "modeling_whisper_moe.py").is_file()
     loaded = WhisperMoEForConditionalGeneration.from_pretrained(out)
     assert loaded.config.num_experts == 4
