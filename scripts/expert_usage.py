@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = model_class.from_pretrained(folder).eval()
     if args.untrained:
         torch.manual_seed(0)
-        model = model_class(model.config).eval()
+        untrained = model_class(model.config).eval()
+        untrained.generation_config = model.generation_config  # languages and tasks, for the decoder prompts
+        model = untrained
     processor = WhisperMoEProcessor.from_pretrained(folder)
     if getattr(model.generation_config, "is_multilingual", False):
         processor.tokenizer.set_prefix_tokens(language="en", task="transcribe")
