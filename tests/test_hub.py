@@ -187,3 +187,18 @@ def test_saving_into_a_folder_with_a_corrupt_config_names_it(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         tiny_moe().save_pretrained(tmp_path)
     assert (tmp_path / "config.json").read_text() == "{not json"
+
+
+def test_a_new_folder_gets_the_usual_permissions_not_the_staging_ones(tmp_path):
+    import os
+
+    from modeling_whisper_moe.hub import atomic_directory
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "new") as staging:
+            (staging / "file.txt").write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o755
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".new.")]  # no staging folder left behind
