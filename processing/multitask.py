@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from modeling_whisper_moe.audio import load_audio
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX
-from modeling_whisper_moe.vocoder import SAMPLING_RATE, log_mel_spectrogram
+from modeling_whisper_moe.vocoder import DYNAMIC_RANGE, LOG_SCALE, N_FFT, SAMPLING_RATE, log_mel_spectrogram
 from processing.tts_data import DigitClipBank, digits_to_words, training_sequence
 
 TASK_KEY = "task"
@@ -51,8 +51,8 @@ def recognition_example(waveform: np.ndarray, text: str, tokenizer, num_mel_bins
     """16 kHz audio and its transcript -> `input_features` (num_mel_bins, frames) for the clip's own length (no 30 s
     padding; the values equal Whisper's feature extractor's on those frames) and `labels`: the tokenizer's prefix
     (set its language and task beforehand) without `<|startoftranscript|>`, the text, `<|endoftext|>`."""
-    if waveform.size < SAMPLING_RATE // 100:
-        raise ValueError(f"a clip of {waveform.size} samples is shorter than one 10 ms frame.")
+    if waveform.size < N_FFT:
+        raise ValueError(f"a clip of {waveform.size} samples is shorter than one STFT window ({N_FFT} samples).")
     features = log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)), num_mel_bins)
     ids = tokenizer(" " + text.strip()).input_ids
     if ids[0] != tokenizer.convert_tokens_to_ids("<|startoftranscript|>"):
@@ -102,21 +102,32 @@ class SpokenDigitsRecognitionDataset(Dataset):
 
 @dataclass
 class RecognitionCollator:
-    """Pads `recognition_example`s: `input_features` (batch, num_mel_bins, longest) zero-padded, `attention_mask`
-    (batch, longest), 1 = real frame, and `labels` (batch, tgt_len) with IGNORE_INDEX (-100) on padding."""
+    """Pads `recognition_example`s: `input_features` (batch, num_mel_bins, frames), `attention_mask` (batch, frames),
+    1 = real frame, and `labels` (batch, tgt_len) with IGNORE_INDEX (-100) on padding.
+
+    frames is the longest clip's, or `pad_to_frames` (3000 for a model that reads Whisper's 30 s windows). Padding
+    holds each clip's own silence floor, what Whisper's feature extractor gives the zeros it pads audio with.
+    """
+
+    pad_to_frames: int | None = None
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("RecognitionCollator got an empty list of examples")
         frames = [example["input_features"].shape[-1] for example in examples]
-        features = torch.zeros(len(examples), examples[0]["input_features"].shape[0], max(frames))
+        width = self.pad_to_frames or max(frames)
+        if max(frames) > width:
+            raise ValueError(f"a clip has {max(frames)} mel frames, more than pad_to_frames={width}.")
+        features = torch.empty(len(examples), examples[0]["input_features"].shape[0], width)
         for row, example in enumerate(examples):
-            features[row, :, : frames[row]] = torch.as_tensor(example["input_features"])
+            clip = torch.as_tensor(example["input_features"])
+            features[row] = clip.max() - DYNAMIC_RANGE / LOG_SCALE  # the clip's floor, in Whisper's scaling
+            features[row, :, : frames[row]] = clip
         longest = max(len(example["labels"]) for example in examples)
         labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
         for row, example in enumerate(examples):
             labels[row, : len(example["labels"])] = torch.as_tensor(example["labels"], dtype=torch.long)
-        attention_mask = (torch.arange(max(frames))[None] < torch.tensor(frames)[:, None]).long()
+        attention_mask = (torch.arange(width)[None] < torch.tensor(frames)[:, None]).long()
         return {"input_features": features, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -15,6 +15,11 @@ Tasks (`--tasks`, each with its `--task_steps` and `--task_batch_sizes`, in the 
 - `tts`: text -> log-mel through the same encoder and decoder layers (parallel frames, predicted durations), on
   the espeak-ng digit corpus of `scripts/train_tts.py`; the same held-out 4-digit sequences are never trained on.
 
+The model starts from random weights (the recipe's architecture, Whisper base's tokenizer) or, with
+`--init_from FOLDER`, from a Whisper or WhisperMoE checkpoint (upcycled when dense): its encoder, decoder and head,
+a text front-end added as `add_text_frontend` does (`--text_encoder_layers`), 30 s audio windows as it was trained;
+only the speech-output heads start random. That is the GPU route: on this CPU Whisper base costs ~18x per frame.
+
 Every batch holds one task; the tasks' steps are interleaved evenly over the run. The same script trains the
 single-task baselines (`--tasks asr`, ...), so multi-task and single-task models differ only in the mixture.
 `scripts/evaluate_multitask.py` scores a folder on every task it serves, and its per-task expert usage.
@@ -23,6 +28,7 @@ OUT ends up a self-contained Hub folder (weights, code, processor, training reco
 "automatic-speech-recognition", "translation" and "text-to-audio" pipelines load with `trust_remote_code=True`.
 """
 
+import copy
 import csv
 import json
 import logging
@@ -40,7 +46,11 @@ import transformers  # noqa: E402
 from torch.utils.data import ConcatDataset, DataLoader  # noqa: E402
 from transformers import GenerationConfig, HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 
-from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEProcessor  # noqa: E402
+from modeling_whisper_moe import (  # noqa: E402
+    WhisperMoEConfig,
+    WhisperMoEForConditionalGeneration,
+    WhisperMoEProcessor,
+)
 from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
 from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAndText  # noqa: E402
 from processing.multitask import (  # noqa: E402
@@ -87,6 +97,19 @@ class TaskArguments:
 
 
 @dataclass
+class StartArguments:
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "start from this Whisper or WhisperMoE folder (upcycled when dense) instead of random weights"
+        },
+    )
+    text_encoder_layers: int | None = field(
+        default=None, metadata={"help": "with init_from: encoder layers text runs through (see the config field)"}
+    )
+
+
+@dataclass
 class MultiTaskDataArguments:
     # speech recognition
     asr_manifest: str = field(default="../shared/data/fsdd/manifest.csv", metadata={"help": "path,text CSV"})
@@ -123,8 +146,8 @@ def parse_arguments(argv: list[str]):
     recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
     recipe_flags = [item for key, value in recipe.items() for item in _as_flags(key, value)]
     device_flags = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    parser = HfArgumentParser((ModelArguments, TaskArguments, MultiTaskDataArguments, BudgetArguments,
-                               TrainingArguments))  # fmt: skip
+    parser = HfArgumentParser((ModelArguments, StartArguments, TaskArguments, MultiTaskDataArguments,
+                               BudgetArguments, TrainingArguments))  # fmt: skip
     parsed = parser.parse_args_into_dataclasses(args=device_flags + recipe_flags + argv[1:])
     return (*parsed, {"path": str(recipe_path), **recipe})
 
@@ -188,6 +211,37 @@ def build_model(args: ModelArguments, whisper_folder: str, num_voices: int) -> W
     return model
 
 
+def pretrained_generalist(
+    folder: str, args: ModelArguments, start: StartArguments, num_voices: int
+) -> WhisperMoEForSpeechAndText:
+    """A generalist whose encoder, decoder and language-model head come from a Whisper folder (upcycled to
+    `args.num_experts` top-`args.num_experts_per_tok` when dense); a text front-end is added when the folder has none
+    (see `add_text_frontend`), and only the speech-output heads start random. Audio stays in 30 s windows unless the
+    folder was trained with `variable_length_audio`."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--init_from {folder} has no config.json")
+    if json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == "whisper":
+        source = WhisperMoEForConditionalGeneration.from_dense(
+            folder, num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok
+        )
+    else:
+        source = WhisperMoEForConditionalGeneration.from_pretrained(folder)
+    if not source.config.text_frontend:
+        source.add_text_frontend(args.max_text_positions, start.text_encoder_layers)
+    config = copy.deepcopy(source.config)
+    config.tts_speaker_embedding_dim = num_voices
+    config.tts_postnet_layers, config.tts_reduction_factor = args.tts_postnet_layers, args.tts_reduction_factor
+    model = WhisperMoEForSpeechAndText(config)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    speech_heads = ("speaker_projection.", "duration_predictor.", "progress_projection.", "mel_head.", "postnet.")
+    mismatched = [name for name in missing if not name.startswith(speech_heads)] + list(unexpected)
+    if mismatched:
+        raise ValueError(f"{folder}'s weights do not fit the generalist: {mismatched[:5]}")
+    model.generation_config = copy.deepcopy(source.generation_config)
+    return model
+
+
 def manifest_rows(manifest: str, held_out_split: str) -> list[tuple[str, str]]:
     """(absolute path, text) of the manifest's rows outside `held_out_split` (all rows if it has no split column)."""
     path = Path(manifest)
@@ -229,7 +283,9 @@ def build_tasks(tasks: list[str], args: MultiTaskDataArguments, model, processor
             synthetic = SpokenDigitsRecognitionDataset(bank, tokenizer, args.asr_synthetic_examples, args.min_digits,
                                                        args.max_digits, pauses, seed=seed)  # fmt: skip
             parts.append(synthetic)
-        datasets["asr"], collators["asr"] = ConcatDataset(parts), RecognitionCollator()
+        # a model that reads Whisper's 30 s windows gets them, padded with each clip's silence floor
+        window = None if model.config.variable_length_audio else 2 * model.config.max_source_positions
+        datasets["asr"], collators["asr"] = ConcatDataset(parts), RecognitionCollator(pad_to_frames=window)
         logger.info("asr: %d recordings, %d synthetic digit sequences", len(recorded), args.asr_synthetic_examples)
     if "translation" in tasks:
         datasets["translation"] = translation_pairs(args, processor, model.generation_config, seed, output_dir)
@@ -294,7 +350,7 @@ def save_hub_folder(model: WhisperMoEForSpeechAndText, processor, output_dir: st
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    model_args, task_args, data_args, budget_args, training_args, recipe = parse_arguments(argv)
+    model_args, start_args, task_args, data_args, budget_args, training_args, recipe = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     transformers.utils.logging.set_verbosity_warning()
     transformers.set_seed(training_args.seed)
@@ -304,9 +360,12 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.max_steps = sum(steps.values())
     if training_args.gradient_accumulation_steps != 1:
         raise ValueError("train_multitask.py steps one task per batch: gradient_accumulation_steps must be 1.")
-    whisper = tokenizer_folder(model_args.tokenizer_name_or_path)
+    whisper = start_args.init_from or tokenizer_folder(model_args.tokenizer_name_or_path)
     processor = WhisperMoEProcessor.from_pretrained(whisper)
-    model = build_model(model_args, whisper, num_voices=len(data_args.voices))
+    if start_args.init_from:
+        model = pretrained_generalist(start_args.init_from, model_args, start_args, len(data_args.voices))
+    else:
+        model = build_model(model_args, whisper, num_voices=len(data_args.voices))
     logger.info("model: %.2fM parameters; steps per task %s", sum(p.numel() for p in model.parameters()) / 1e6, steps)
     datasets, collators = build_tasks(list(steps), data_args, model, processor, training_args.seed,
                                       training_args.output_dir)  # fmt: skip
@@ -332,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
             "recipe": recipe,
             "tasks": {task: {"steps": steps[task], "batch_size": batch_sizes[task]} for task in steps},
             "model": vars(model_args),
+            "start": vars(start_args),
             "data": vars(data_args),
             "budget": vars(budget_args),
             "voices": data_args.voices,

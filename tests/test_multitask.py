@@ -3,6 +3,7 @@ configs, its one-task-per-batch data, the training script end to end, and the pi
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,7 +215,18 @@ def test_recognition_examples_match_whisper_features_on_real_frames(data_dir, ti
     batch = RecognitionCollator()([example, short])
     assert batch["input_features"].shape == (2, 80, frames)
     assert batch["attention_mask"].sum(-1).tolist() == [frames, short["input_features"].shape[1]]
-    assert (batch["input_features"][1, :, short["input_features"].shape[1] :] == 0).all()
+    short_frames = short["input_features"].shape[1]
+    assert (batch["input_features"][1, :, short_frames:] == short["input_features"].max() - 2.0).all()
+    # padded to Whisper's 30 s window, a clip's features are what the feature extractor gives it
+    window = RecognitionCollator(pad_to_frames=3000)([short])
+    expected = WhisperFeatureExtractor(feature_size=80)(clip[:4000], sampling_rate=SAMPLING_RATE).input_features[0]
+    real = np.r_[
+        0 : short_frames - 1, short_frames + 2 : 3000
+    ]  # the three frames whose windows straddle its end differ
+    np.testing.assert_allclose(window["input_features"][0].numpy()[:, real], expected[:, real], atol=1e-4)
+    assert window["attention_mask"].sum() == short_frames
+    with pytest.raises(ValueError, match="pad_to_frames"):
+        RecognitionCollator(pad_to_frames=10)([short])
     with pytest.raises(ValueError, match="shorter than one"):
         recognition_example(clip[:10], "three", tokenizer)
 
@@ -251,10 +263,9 @@ result = {
 """
 
 
-def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, data_dir, tmp_path):
-    from scripts.train_multitask import main
-
-    recipe = tmp_path / "recipe.json"
+@pytest.fixture
+def recipe(data_dir, tmp_path) -> Path:
+    """A recipe file naming the shared data; the tests give sizes and steps as flags."""
     settings = {
         "asr_manifest": str(data_dir / "fsdd" / "manifest.csv"),
         "report_to": "none",
@@ -262,7 +273,14 @@ def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, da
         "text_pairs_csv": str(data_dir / "translation" / "tatoeba_en_de.csv"),
         "remove_unused_columns": False,
     }
-    recipe.write_text(json.dumps(settings))
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, data_dir, recipe, tmp_path):
+    from scripts.train_multitask import main
+
     out = tmp_path / "generalist"
     tiny = ["--d_model", "32", "--ffn_dim", "48", "--encoder_layers", "1", "--decoder_layers", "1",
             "--attention_heads", "2", "--task_steps", "2", "3", "2", "--task_batch_sizes", "2", "2", "2",
@@ -309,3 +327,24 @@ def test_task_plan_keeps_each_tasks_steps_when_some_are_picked():
         task_plan(TaskArguments(tasks=["asr", "tts"], task_steps=[5], task_batch_sizes=[1]), listed)
     with pytest.raises(ValueError, match="distinct names"):
         task_plan(TaskArguments(tasks=["asr", "asr"], task_steps=[5, 5], task_batch_sizes=[1, 1]), listed)
+
+
+def test_training_can_start_from_upcycled_whisper_base(base_moe, data_dir, recipe, tmp_path):
+    """--init_from: the generalist takes base's encoder, decoder and head; with a negligible learning rate it still
+    transcribes real speech as base does, in 30 s windows, and the one folder also speaks."""
+    from transformers import pipeline
+
+    from scripts.train_multitask import main
+
+    out = tmp_path / "generalist-base"
+    main([str(recipe), "--output_dir", str(out), "--init_from", str(base_moe), "--text_encoder_layers", "2",
+          "--task_steps", "1", "1", "1", "--task_batch_sizes", "1", "2", "2", "--asr_synthetic_examples", "2",
+          "--voices", "en-us", "--speeds", "160", "--pitches", "50", "--learning_rate", "1e-9"])  # fmt: skip
+    model = WhisperMoEForSpeechAndText.from_pretrained(out)
+    assert model.config.text_encoder_layers == 2 and not model.config.variable_length_audio
+    assert model.config.num_experts == 8 and model.config.d_model == 512
+    asr = pipeline("automatic-speech-recognition", model=str(out), trust_remote_code=True)
+    text = asr(str(data_dir / "misc" / "jfk.flac"), generate_kwargs={"language": "en"})["text"].lower()
+    assert "ask not what your country can do for you" in text
+    tts = pipeline("text-to-audio", model=str(out), trust_remote_code=True)
+    assert len(tts("three one")["audio"]) > 0
