@@ -414,11 +414,9 @@ class WhisperMoEForTextToSpeech(SpeechOutputMixin, WhisperMoEPreTrainedModel):
     _no_split_modules = ["WhisperMoEEncoderLayer", "WhisperMoEDecoderLayer"]
 
     def __init__(self, config: WhisperMoEConfig):
-        if not config.text_frontend:
-            raise ValueError("WhisperMoEForTextToSpeech reads text: it needs config.text_frontend=True, got False.")
         super().__init__(config)
+        self._init_speech_heads(config)  # first: it checks that config has a text front-end
         self.encoder = WhisperMoEEncoder(config)
-        self._init_speech_heads(config)
         self.decoder_layers = nn.ModuleList([WhisperMoEDecoderLayer(config, i) for i in range(config.decoder_layers)])
         self.decoder_layer_norm = nn.LayerNorm(config.d_model)
         self.post_init()

@@ -136,6 +136,12 @@ class RecognitionCollator:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def task_offsets(sizes: Mapping[str, int]) -> dict[str, int]:
+    """Where each task's items start when the tasks' datasets are laid end to end in `sizes`' order."""
+    starts = np.cumsum([0, *sizes.values()])[:-1]
+    return {task: int(start) for task, start in zip(sizes, starts)}
+
+
 class TaskMixture(Dataset):
     """Named datasets one after another: index `offsets[task] + i` is item i of `task`, returned with its task name
     under `task`."""
@@ -145,10 +151,8 @@ class TaskMixture(Dataset):
         if not datasets or empty:
             raise ValueError(f"TaskMixture needs at least one task and no empty dataset; empty: {empty}.")
         self.datasets = dict(datasets)
-        self.offsets, start = {}, 0
-        for task, dataset in self.datasets.items():
-            self.offsets[task], start = start, start + len(dataset)
-        self.total = start
+        self.offsets = task_offsets(self.sizes())
+        self.total = sum(self.sizes().values())
 
     def __len__(self) -> int:
         return self.total
@@ -192,9 +196,7 @@ class TaskBatchSampler(Sampler[list[int]]):
         bad = {task: value for task, value in {**steps, **batch_sizes}.items() if value < 1}
         if bad:
             raise ValueError(f"steps and batch sizes must be at least 1, got {bad}.")
-        self.offsets, start = {}, 0
-        for task, size in sizes.items():
-            self.offsets[task], start = start, start + size
+        self.offsets = task_offsets(sizes)
         self.sizes, self.batch_sizes, self.steps = dict(sizes), dict(batch_sizes), dict(steps)
         self.schedule = interleave(self.steps)
         self.seed, self.epoch = seed, 0

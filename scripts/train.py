@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
-from transformers import HfArgumentParser, Seq2SeqTrainingArguments, WhisperForConditionalGeneration  # noqa: E402
+from transformers import Seq2SeqTrainingArguments, WhisperForConditionalGeneration  # noqa: E402
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor  # noqa: E402
 from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
@@ -41,6 +41,7 @@ from processing.text_data import (  # noqa: E402
     split_held_out,
     write_held_out_ids,
 )
+from scripts.recipes import parse_recipe  # noqa: E402
 
 DEFAULT_RECIPE = REPO_ROOT / "configuration" / "recipes" / "asr-finetune.json"
 SHUFFLE_BUFFER = 1_000  # examples held for shuffling a streamed training set
@@ -116,25 +117,10 @@ class DataArguments:
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments, dict]:
     """Recipe (first argument if it ends in .json, else the default recipe) overlaid with the flags."""
-    recipe_path = Path(argv[0]) if argv and argv[0].endswith(".json") else DEFAULT_RECIPE
-    flags = argv[1:] if argv and argv[0].endswith(".json") else argv
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"Recipe not found: {recipe_path}")
-    recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
-    recipe_flags = [item for key, value in recipe.items() for item in _as_flags(key, value)]
-    # without an accelerator, torchrun / accelerate processes only form a (gloo) process group when told "cpu"
-    device_flags = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=device_flags + recipe_flags + flags)
-    return model_args, data_args, training_args, {"path": str(recipe_path), **recipe}
-
-
-def _as_flags(key: str, value) -> list[str]:
-    if isinstance(value, list):
-        return [f"--{key}", *map(str, value)]
-    if isinstance(value, dict):
-        return [f"--{key}", json.dumps(value)]
-    return [f"--{key}", str(value)]
+    (model_args, data_args, training_args), recipe = parse_recipe(
+        argv, (ModelArguments, DataArguments, Seq2SeqTrainingArguments), default=DEFAULT_RECIPE
+    )
+    return model_args, data_args, training_args, recipe
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.utils.data import ConcatDataset, DataLoader  # noqa: E402
-from transformers import GenerationConfig, HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
+from transformers import GenerationConfig, Trainer, TrainingArguments  # noqa: E402
 
 from modeling_whisper_moe import (  # noqa: E402
     WhisperMoEConfig,
@@ -70,11 +70,11 @@ from processing.text_data import (  # noqa: E402
     write_held_out_ids,
 )
 from processing.tts_data import DigitClipBank, SpokenDigitsDataset, TextToSpeechCollator  # noqa: E402
+from scripts.recipes import parse_recipe  # noqa: E402
 from scripts.train_tts import (  # noqa: E402
     BudgetArguments,
     ModelArguments,
     WallTimeBudget,
-    _as_flags,
     tokenizer_folder,
 )
 
@@ -136,20 +136,10 @@ class MultiTaskDataArguments:
 
 def parse_arguments(argv: list[str]):
     """Recipe (first argument, a .json file) overlaid with the flags."""
-    if not argv or not argv[0].endswith(".json"):
-        raise ValueError(
-            "usage: train_multitask.py RECIPE.json [flags]; e.g. configuration/recipes/multitask-digits.json"
-        )
-    recipe_path = Path(argv[0])
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"Recipe not found: {recipe_path}")
-    recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
-    recipe_flags = [item for key, value in recipe.items() for item in _as_flags(key, value)]
-    device_flags = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    parser = HfArgumentParser((ModelArguments, StartArguments, TaskArguments, MultiTaskDataArguments,
-                               BudgetArguments, TrainingArguments))  # fmt: skip
-    parsed = parser.parse_args_into_dataclasses(args=device_flags + recipe_flags + argv[1:])
-    return (*parsed, {"path": str(recipe_path), **recipe})
+    usage = "usage: train_multitask.py RECIPE.json [flags]; e.g. configuration/recipes/multitask-digits.json"
+    types = (ModelArguments, StartArguments, TaskArguments, MultiTaskDataArguments, BudgetArguments, TrainingArguments)
+    parsed, recipe = parse_recipe(argv, types, usage=usage)
+    return (*parsed, recipe)
 
 
 def task_plan(args: TaskArguments, listed: list[str]) -> tuple[dict[str, int], dict[str, int]]:

@@ -28,7 +28,6 @@ import transformers  # noqa: E402
 from torch.utils.data import ConcatDataset, Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
-    HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -45,6 +44,7 @@ from processing.tts_data import (  # noqa: E402
     TextToSpeechCollator,
     align_with_whisper,
 )
+from scripts.recipes import parse_recipe  # noqa: E402
 
 BUNDLED_PREFIX = "bundled:"  # tokenizer_name_or_path "bundled:base" converts the bundled checkpoint once
 CACHE_DIR = Path.home() / ".cache" / "whisper-moe"
@@ -119,25 +119,11 @@ def parse_arguments(
     argv: list[str],
 ) -> tuple[ModelArguments, DataArguments, BudgetArguments, TrainingArguments, dict]:
     """Recipe (first argument, a .json file) overlaid with the flags."""
-    if not argv or not argv[0].endswith(".json"):
-        raise ValueError("usage: train_tts.py RECIPE.json [flags]; e.g. configuration/recipes/tts-digits.json")
-    recipe_path = Path(argv[0])
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"Recipe not found: {recipe_path}")
-    recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
-    recipe_flags = [item for key, value in recipe.items() for item in _as_flags(key, value)]
-    device_flags = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    parser = HfArgumentParser((ModelArguments, DataArguments, BudgetArguments, TrainingArguments))
-    model_args, data_args, budget_args, training_args = parser.parse_args_into_dataclasses(
-        args=device_flags + recipe_flags + argv[1:]
+    usage = "usage: train_tts.py RECIPE.json [flags]; e.g. configuration/recipes/tts-digits.json"
+    parsed, recipe = parse_recipe(
+        argv, (ModelArguments, DataArguments, BudgetArguments, TrainingArguments), usage=usage
     )
-    return model_args, data_args, budget_args, training_args, {"path": str(recipe_path), **recipe}
-
-
-def _as_flags(key: str, value) -> list[str]:
-    if isinstance(value, list):
-        return [f"--{key}", *map(str, value)]
-    return [f"--{key}", str(value)]
+    return (*parsed, recipe)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
