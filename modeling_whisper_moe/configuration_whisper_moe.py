@@ -6,6 +6,7 @@ from transformers import WhisperConfig
 EXPERTS_IMPLEMENTATIONS = ("grouped", "loop", "grouped_mm", "batched_mm")
 QUANTIZATION_DTYPES = ("int8",)  # what `whisper-moe quantize --dtype` writes
 QUANTIZATION_KEYS = frozenset({"dtype", "float_embeddings"})  # what a `quantization` dict may hold
+GROWTH_KEYS = frozenset({"num_experts", "num_experts_per_tok", "encoder_layers", "decoder_layers"})  # one phase
 
 
 @strict
@@ -85,6 +86,18 @@ class WhisperMoEConfig(WhisperConfig):
         base, layer 4's feed-forward block writes ~300 into one channel, and the positions' states become ~98 %
         alike), which the decoder cannot read; the shallow layers keep the tokens apart.
 
+    Growth (lifelong learning by adding experts, see growth.py):
+
+    expert_growth (`list[dict]`, *optional*):
+        One entry per growth phase, oldest first, each `{"num_experts": N, "num_experts_per_tok": k,
+        "encoder_layers": [...], "decoder_layers": [...]}`: the phase appended N experts to each listed layer (a dense
+        layer listed becomes sparse, its block the single expert of the base group) and routes every token to its k
+        best of them as well as to the base group's. A phase's experts compete with a learned "null expert" whose
+        logit is a bias: their weights are their softmax probabilities over the phase's experts and the null, so a
+        token the phase should leave alone can give them (almost) no weight. The experts are added with a zero
+        output projection, so a grown model computes exactly what it did before growing until it is trained.
+        `None` (the default) for a model that never grew.
+
     Text-to-speech fields, read only by [`WhisperMoEForTextToSpeech`] (the speech-recognition model ignores them):
 
     tts_speaker_embedding_dim (`int`, defaults to 0):
@@ -124,6 +137,7 @@ class WhisperMoEConfig(WhisperConfig):
     tts_duration_loss_coef: float | int = 1.0
     tts_postnet_layers: int = 0
     tts_reduction_factor: int = 1
+    expert_growth: list[dict] | None = None
 
     def check_text_encoder_layers(self, text_encoder_layers: int | None) -> None:
         """Raise unless `text_encoder_layers` is unset or between 1 and `encoder_layers`."""
@@ -172,6 +186,7 @@ class WhisperMoEConfig(WhisperConfig):
             raise ValueError(f"max_text_positions must be at least 1, got {self.max_text_positions}.")
         self.check_text_encoder_layers(self.text_encoder_layers)
         self.check_quantization()
+        self.check_growth()
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}.")
         for side, num_layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
@@ -198,10 +213,61 @@ class WhisperMoEConfig(WhisperConfig):
                 f"quantization dtype must be one of {QUANTIZATION_DTYPES}, got {self.quantization['dtype']!r}."
             )
 
+    def check_growth(self) -> None:
+        """Raise `ValueError` naming the offending value unless every `expert_growth` phase can work."""
+        for phase in self.expert_growth or ():
+            if not isinstance(phase, dict) or set(phase) != GROWTH_KEYS:
+                raise ValueError(
+                    f"each expert_growth phase must have exactly the keys {sorted(GROWTH_KEYS)}, got {phase!r}."
+                )
+            if phase["num_experts"] < 1 or not 1 <= phase["num_experts_per_tok"] <= phase["num_experts"]:
+                raise ValueError(
+                    f"an expert_growth phase needs num_experts >= 1 and 1 <= num_experts_per_tok <= num_experts, "
+                    f"got {phase!r}."
+                )
+            for side in ("encoder", "decoder"):
+                num_layers = getattr(self, f"{side}_layers")
+                unknown = sorted(set(phase[f"{side}_layers"]) - set(range(num_layers)))
+                if unknown:
+                    raise ValueError(
+                        f"an expert_growth phase names {side} layers {unknown}, but the {side} has layers "
+                        f"0..{num_layers - 1}."
+                    )
+
     def is_sparse_layer(self, side: str, layer_idx: int) -> bool:
-        """Whether layer `layer_idx` of `side` ("encoder" or "decoder") has a sparse feed-forward block."""
+        """Whether layer `layer_idx` of `side` ("encoder" or "decoder") has a sparse feed-forward block, from the
+        start or since a growth phase."""
         layers = getattr(self, f"{side}_sparse_layers")
-        return layers is None or layer_idx in layers
+        return (
+            layers is None
+            or layer_idx in layers
+            or any(layer_idx in phase[f"{side}_layers"] for phase in self.expert_growth or ())
+        )
+
+    def sparse_layer_groups(self, side: str) -> list[list[tuple[int, int]]]:
+        """`expert_groups` of each sparse layer of `side`, in layer order (the order of its router logits)."""
+        groups = (self.expert_groups(side, idx) for idx in range(getattr(self, f"{side}_layers")))
+        return [layer_groups for layer_groups in groups if layer_groups]
+
+    def growth_phases(self, side: str, layer_idx: int) -> list[int]:
+        """Index in `expert_growth` of each phase that grew this layer, oldest first (one per grown group)."""
+        phases = enumerate(self.expert_growth or ())
+        return [index for index, phase in phases if layer_idx in phase[f"{side}_layers"]]
+
+    def expert_groups(self, side: str, layer_idx: int) -> list[tuple[int, int]]:
+        """(num_experts, num_experts_per_tok) of each expert group of a sparse layer, the base group first and then
+        one per growth phase that grew it; [] for a dense layer. A layer that was dense before growing has the dense
+        block as its base group's single expert."""
+        layers = getattr(self, f"{side}_sparse_layers")
+        groups = [(self.num_experts, self.num_experts_per_tok)] if layers is None or layer_idx in layers else [(1, 1)]
+        grown = [
+            (phase["num_experts"], phase["num_experts_per_tok"])
+            for phase in self.expert_growth or ()
+            if layer_idx in phase[f"{side}_layers"]
+        ]
+        if groups == [(1, 1)] and not grown:
+            return []
+        return groups + grown
 
 
 __all__ = ["WhisperMoEConfig"]

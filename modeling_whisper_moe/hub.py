@@ -57,6 +57,7 @@ HUB_MODULES = (
     "pipeline_translation.py",
     "modeling_whisper_moe_tts.py",
     "pipeline_text_to_audio.py",
+    "growth.py",
 )
 
 

@@ -99,34 +99,106 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
     return (z * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+def grown_router_losses(
+    router_logits: tuple[torch.Tensor, ...],
+    groups_per_layer: list[list[tuple[int, int]]],
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Load-balancing and z-loss of a model that grew experts (`WhisperMoEConfig.expert_growth`), padding excluded.
+
+    `router_logits` holds one (tokens, E + null columns) tensor per sparse layer, `groups_per_layer` that layer's
+    (num_experts, top_k) groups. The base groups wider than one expert are balanced together exactly as in a model
+    that never grew; each grown group is balanced over its own experts, and those losses are averaged with the base
+    one, so every group is pulled towards using all of its experts. The z-loss covers every logit.
+    Returns (balance, z_loss); balance is None when no group has more than one expert.
+    """
+    base = [logits[:, : groups[0][0]] for logits, groups in zip(router_logits, groups_per_layer) if groups[0][0] > 1]
+    balances = []
+    if base:
+        balances.append(load_balancing_loss(tuple(base), base[0].shape[-1], groups_per_layer[0][0][1], attention_mask))
+    for logits, groups in zip(router_logits, groups_per_layer):
+        offset = groups[0][0]
+        for size, top_k in groups[1:]:
+            if size > 1:
+                balances.append(load_balancing_loss((logits[:, offset : offset + size],), size, top_k, attention_mask))
+            offset += size
+    z_loss = torch.stack([router_z_loss((logits,), attention_mask) for logits in router_logits]).mean()
+    return (torch.stack(balances).mean() if balances else None), z_loss
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Mixture-of-Experts blocks
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 class WhisperMoERouter(nn.Module):
-    """Scores experts per token and keeps the top k. Returns (router_logits, top_k_weights, top_k_index)."""
+    """Scores experts per token and keeps the top k. Returns (router_logits, top_k_weights, top_k_index).
 
-    def __init__(self, config: WhisperMoEConfig):
+    `groups` lists (num_experts, top_k) per expert group: the base group, then one per growth phase (see
+    `WhisperMoEConfig.expert_growth`). The base group routes as in any top-k MoE. A grown group adds its own top-k
+    experts to each token, weighted by their softmax probabilities over the group's experts and a learned null
+    logit, so the weights of a grown group can sum to nearly 0 (the null expert computes nothing).
+    `phases` gives the growth phase of each grown group. Groups of phases at or after `routed_phases` (when set) do
+    not route: with `routed_phases = p` the block computes what it did before phase p.
+    """
+
+    def __init__(
+        self,
+        config: WhisperMoEConfig,
+        groups: list[tuple[int, int]] | None = None,
+        phases: list[int] | None = None,
+    ):
         super().__init__()
-        self.num_experts = config.num_experts
-        self.top_k = config.num_experts_per_tok
+        self.groups = list(groups or [(config.num_experts, config.num_experts_per_tok)])
+        self.phases = list(phases or [])
+        if len(self.phases) != len(self.groups) - 1:
+            raise ValueError(f"{len(self.groups) - 1} grown expert groups need as many phases, got {self.phases}.")
+        self.num_experts = sum(size for size, _ in self.groups)
+        self.top_k = self.groups[0][1]  # the base group's
         self.norm_topk_prob = config.norm_topk_prob
         self.jitter_noise = config.router_jitter_noise
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.d_model))
+        if len(self.groups) > 1:
+            self.null_logits = nn.Parameter(torch.zeros(len(self.groups) - 1))  # one per grown group
+        self.routed_phases: int | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden_states: (tokens, d_model) -> logits (tokens, E), weights (tokens, k), expert indices (tokens, k)."""
+        """hidden_states: (tokens, d_model) -> logits (tokens, E [+ one null column per grown group]),
+        weights (tokens, K), expert indices (tokens, K), K the summed top-k of the groups that route."""
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             hidden_states = hidden_states * noise
         router_logits = F.linear(hidden_states, self.weight)
+        base_size, base_top_k = self.groups[0]
         # softmax in fp32: in bf16 near-tied experts would otherwise swap places at random
-        probs = router_logits.softmax(dim=-1, dtype=torch.float32)
-        top_k_weights, top_k_index = probs.topk(self.top_k, dim=-1)
+        probs = router_logits[:, :base_size].softmax(dim=-1, dtype=torch.float32)
+        top_k_weights, top_k_index = probs.topk(base_top_k, dim=-1)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+        if len(self.groups) == 1:
+            return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+        null_logits = self.null_logits.to(router_logits.dtype).expand(router_logits.shape[0], -1)  # (tokens, G)
+        if self.routed_phases is None or self.phases[0] < self.routed_phases:
+            top_k_weights, top_k_index = self._route_grown_groups(
+                router_logits, null_logits, top_k_weights, top_k_index
+            )
+        return torch.cat([router_logits, null_logits], dim=-1), top_k_weights.to(hidden_states.dtype), top_k_index
+
+    def _route_grown_groups(
+        self, logits: torch.Tensor, null_logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append each grown group's top-k (weights unnormalised, the null expert's share left out) to the base's."""
+        all_weights, all_index, offset = [weights], [index], self.groups[0][0]
+        for group, (size, top_k) in enumerate(self.groups[1:]):
+            if self.routed_phases is not None and self.phases[group] >= self.routed_phases:
+                break  # phases are in order: the later groups are silent too
+            group_logits = torch.cat([logits[:, offset : offset + size], null_logits[:, group, None]], dim=-1)
+            probs = group_logits.softmax(dim=-1, dtype=torch.float32)[:, :size]
+            group_weights, group_index = probs.topk(top_k, dim=-1)
+            all_weights.append(group_weights)
+            all_index.append(group_index + offset)
+            offset += size
+        return torch.cat(all_weights, dim=-1), torch.cat(all_index, dim=-1)
 
 
 def grouped_experts_forward(
@@ -187,13 +259,13 @@ class WhisperMoEExperts(nn.Module):
     "grouped_mm" / "batched_mm", which find the weights under the names `up_proj` / `down_proj` aliased below.
     """
 
-    def __init__(self, config: WhisperMoEConfig, ffn_dim: int):
+    def __init__(self, config: WhisperMoEConfig, ffn_dim: int, num_experts: int | None = None):
         super().__init__()
-        self.num_experts = config.num_experts
-        self.fc1_weight = nn.Parameter(torch.empty(config.num_experts, ffn_dim, config.d_model))
-        self.fc1_bias = nn.Parameter(torch.empty(config.num_experts, ffn_dim))
-        self.fc2_weight = nn.Parameter(torch.empty(config.num_experts, config.d_model, ffn_dim))
-        self.fc2_bias = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.num_experts = num_experts = num_experts or config.num_experts
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, ffn_dim, config.d_model))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, config.d_model, ffn_dim))
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, config.d_model))
         self.activation_fn = ACT2FN[config.activation_function]
         self.activation_dropout = config.activation_dropout
 
@@ -247,12 +319,21 @@ class WhisperMoEMLP(nn.Module):
 
 
 class WhisperMoESparseBlock(nn.Module):
-    """Router -> top-k experts -> weighted sum, plus the shared experts when the config has them."""
+    """Router -> top-k experts -> weighted sum, plus the shared experts when the config has them.
 
-    def __init__(self, config: WhisperMoEConfig, ffn_dim: int):
+    `groups`: see `WhisperMoERouter`; the experts of all groups are stacked in one `WhisperMoEExperts`.
+    """
+
+    def __init__(
+        self,
+        config: WhisperMoEConfig,
+        ffn_dim: int,
+        groups: list[tuple[int, int]] | None = None,
+        phases: list[int] | None = None,
+    ):
         super().__init__()
-        self.router = WhisperMoERouter(config)
-        self.experts = WhisperMoEExperts(config, ffn_dim)
+        self.router = WhisperMoERouter(config, groups, phases)
+        self.experts = WhisperMoEExperts(config, ffn_dim, self.router.num_experts)
         self.shared_experts = (
             WhisperMoEMLP(config, ffn_dim * config.num_shared_experts) if config.num_shared_experts > 0 else None
         )
@@ -269,8 +350,9 @@ class WhisperMoESparseBlock(nn.Module):
 
 
 def _feed_forward_block(config: WhisperMoEConfig, side: str, layer_idx: int, ffn_dim: int) -> nn.Module:
-    if config.is_sparse_layer(side, layer_idx):
-        return WhisperMoESparseBlock(config, ffn_dim)
+    groups = config.expert_groups(side, layer_idx)
+    if groups:
+        return WhisperMoESparseBlock(config, ffn_dim, groups, config.growth_phases(side, layer_idx))
     return WhisperMoEMLP(config, ffn_dim)
 
 
@@ -382,12 +464,29 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
             )
         return implementation
 
+    def add_experts(
+        self,
+        num_new: int,
+        num_experts_per_tok: int = 1,
+        encoder_layers: list[int] | None = None,
+        decoder_layers: list[int] | None = None,
+        init: str = "copy",
+        seed: int = 0,
+    ) -> "WhisperMoEPreTrainedModel":
+        """Grow new experts into the chosen layers (every sparse layer by default), outputs unchanged; in place.
+        See growth.py."""
+        from .growth import grow_experts
+
+        return grow_experts(self, num_new, num_experts_per_tok, encoder_layers, decoder_layers, init, seed)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.init_std
         if isinstance(module, WhisperMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if hasattr(module, "null_logits"):
+                init.zeros_(module.null_logits)
         elif isinstance(module, WhisperMoEExperts):
             init.normal_(module.fc1_weight, mean=0.0, std=std)
             init.normal_(module.fc2_weight, mean=0.0, std=std)
@@ -1035,8 +1134,12 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
             if not logits:
                 losses[f"{side}_aux_loss"] = losses[f"{side}_z_loss"] = None
                 continue
-            balance = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, mask)
-            z_loss = router_z_loss(logits, mask)
+            if config.expert_growth:
+                balance, z_loss = grown_router_losses(logits, config.sparse_layer_groups(side), mask)
+                balance = balance if balance is not None else torch.zeros_like(z_loss)
+            else:
+                balance = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, mask)
+                z_loss = router_z_loss(logits, mask)
             weighted = config.router_aux_loss_coef * balance + config.router_z_loss_coef * z_loss
             losses[f"{side}_aux_loss"], losses[f"{side}_z_loss"] = balance, z_loss
             losses["aux_loss"] = (

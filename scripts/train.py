@@ -32,6 +32,16 @@ from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
 from modeling_whisper_moe.model_card import model_card  # noqa: E402
 from modeling_whisper_moe.training import TRAINING_MODES, WhisperMoETrainer, apply_training_mode  # noqa: E402
 from processing import SpeechSeq2SeqCollator, WaveformAugmenter, load_asr_dataset, prepare_dataset, read_manifest  # noqa: E402
+from processing.lifelong import (  # noqa: E402
+    LifelongArguments,
+    LifelongTrainer,
+    ReplayFlagCollator,
+    RestoreFrozenRows,
+    apply_lifelong_mode,
+    grow_for_phase,
+    mix_replay,
+    pseudo_label_manifests,
+)
 from processing.metrics import english_normalizer, make_compute_metrics  # noqa: E402
 from processing.text_data import (  # noqa: E402
     TextPairCollator,
@@ -59,7 +69,9 @@ class ModelArguments:
     upcycle: bool = field(default=True, metadata={"help": "upcycle a dense checkpoint; false trains it dense"})
     num_experts: int = field(default=8, metadata={"help": "experts per sparse layer when upcycling a dense model"})
     num_experts_per_tok: int = field(default=2, metadata={"help": "top-k when upcycling a dense model"})
-    training_mode: str = field(default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}"})
+    training_mode: str = field(
+        default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}, lifelong (new experts only)"}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (training_mode=lora)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (training_mode=lora)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "must stay 0: expert adapters have no input"})
@@ -115,12 +127,12 @@ class DataArguments:
     )  # fmt: skip
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments, dict]:
+def parse_arguments(argv: list[str]):
     """Recipe (first argument if it ends in .json, else the default recipe) overlaid with the flags."""
-    (model_args, data_args, training_args), recipe = parse_recipe(
-        argv, (ModelArguments, DataArguments, Seq2SeqTrainingArguments), default=DEFAULT_RECIPE
+    (model_args, data_args, lifelong_args, training_args), recipe = parse_recipe(
+        argv, (ModelArguments, DataArguments, LifelongArguments, Seq2SeqTrainingArguments), default=DEFAULT_RECIPE
     )
-    return model_args, data_args, training_args, recipe
+    return model_args, data_args, lifelong_args, training_args, recipe
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,6 +254,17 @@ def prepare_splits(train, evaluation, processor, args: DataArguments, seed: int)
     return train, evaluation
 
 
+def with_replay(train, model, processor, data_args: DataArguments, lifelong_args: LifelongArguments, training_args):
+    """`train` mixed with the replay manifests' audio, transcribed by the model before this phase trains it."""
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    labels_csv = pseudo_label_manifests(
+        model, processor, lifelong_args.replay_manifest, output_dir / "replay_pseudo_labels.csv", read_manifest
+    )
+    replay = prepare_dataset(read_manifest(labels_csv), processor, max_label_length=data_args.max_label_length)
+    return mix_replay(train, replay, lifelong_args.replay_fraction, training_args.seed)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,7 +298,9 @@ def save_hub_folder(trainer: WhisperMoETrainer, processor, output_dir: str, trai
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args, recipe = parse_arguments(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, lifelong_args, training_args, recipe = parse_arguments(
+        sys.argv[1:] if argv is None else argv
+    )
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     transformers.utils.logging.set_verbosity_warning()
@@ -289,8 +314,14 @@ def main(argv: list[str] | None = None) -> dict:
     elif text_pairs and model_args.text_encoder_layers is not None:  # a trained front-end, given a new depth
         model.config.check_text_encoder_layers(model_args.text_encoder_layers)
         model.config.text_encoder_layers = model_args.text_encoder_layers
-    model = apply_training_mode(model, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
-                                model_args.lora_dropout)  # fmt: skip
+    if lifelong_args.grow_experts:
+        grow_for_phase(model, lifelong_args, training_args.seed)
+    frozen_rows = None
+    if model_args.training_mode == "lifelong":
+        frozen_rows = apply_lifelong_mode(model, lifelong_args.lifelong_trainable)
+    else:
+        model = apply_training_mode(model, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
+                                    model_args.lora_dropout)  # fmt: skip
     with training_args.main_process_first(desc="dataset preparation"):
         if text_pairs:
             train, evaluation = load_text_splits(data_args, model, processor, training_args.seed,
@@ -298,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             raw_train, raw_eval = load_splits(data_args, training_args.seed)
             train, evaluation = prepare_splits(raw_train, raw_eval, processor, data_args, training_args.seed)
+            if lifelong_args.replay_manifest:
+                train = with_replay(train, model, processor, data_args, lifelong_args, training_args)
     if text_pairs:  # held-out loss here; BLEU / chrF by scripts/evaluate_translation.py on the saved folder
         collator, compute_metrics = TextPairCollator(model.config.pad_token_id), None
         gen_kwargs = {"language": data_args.tgt_lang or data_args.target_column}
@@ -305,7 +338,11 @@ def main(argv: list[str] | None = None) -> dict:
         collator = SpeechSeq2SeqCollator(processor, model.config.decoder_start_token_id)
         compute_metrics = make_compute_metrics(processor.tokenizer, english_normalizer(model_args.model_name_or_path))
         gen_kwargs = {}
-    trainer = WhisperMoETrainer(
+    trainer_kwargs = {}
+    if frozen_rows is not None:
+        collator = ReplayFlagCollator(collator)
+        trainer_kwargs = {"lifelong": lifelong_args, "callbacks": [RestoreFrozenRows(frozen_rows)]}
+    trainer = (LifelongTrainer if frozen_rows is not None else WhisperMoETrainer)(
         model=model,
         args=training_args,
         train_dataset=train,
@@ -313,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collator,
         compute_metrics=compute_metrics,
         processing_class=processor,
+        **trainer_kwargs,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = {**train_result.metrics, **trainer.evaluate(metric_key_prefix="eval", **gen_kwargs)}
@@ -320,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         record = {"base": model_args.model_name_or_path, "command": ["scripts/train.py", *(argv or sys.argv[1:])],
                   "recipe": recipe, "hyperparameters": effective_hyperparameters(model_args, training_args),
-                  "model": vars(model_args), "data": vars(data_args), "metrics": metrics}  # fmt: skip
+                  "model": vars(model_args), "data": vars(data_args), "lifelong": vars(lifelong_args),
+                  "metrics": metrics}  # fmt: skip
         save_hub_folder(trainer, processor, training_args.output_dir, record)
     return metrics
 

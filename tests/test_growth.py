@@ -1,0 +1,161 @@
+"""Growing a WhisperMoE with new experts (lifelong learning): exact at step 0, trainable, saved and reloaded."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, TINY_FRAMES, tiny_moe, tiny_moe_config
+
+from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration
+from modeling_whisper_moe.growth import grow_experts, previous_model
+from modeling_whisper_moe.modeling_whisper_moe import EXPERTS_FUNCTIONS, WhisperMoESparseBlock
+
+
+def _inputs(batch: int = 2, tgt_len: int = 5, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, TINY["num_mel_bins"], TINY_FRAMES, generator=generator)
+    labels = torch.randint(4, TINY["vocab_size"], (batch, tgt_len), generator=generator)
+    return features, labels
+
+
+def _perturbed(model: WhisperMoEForConditionalGeneration, seed: int = 1) -> WhisperMoEForConditionalGeneration:
+    """Experts and routers that differ from one another, like a fine-tuned model's."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".mlp." in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model
+
+
+def _logits(model, features, labels) -> torch.Tensor:
+    with torch.no_grad():
+        return model(features, labels=labels).logits
+
+
+@pytest.mark.parametrize("init", ["copy", "random"])
+def test_growing_keeps_every_output(init):
+    model = _perturbed(tiny_moe(decoder_sparse_layers=[1]))
+    features, labels = _inputs()
+    before = _logits(model, features, labels)
+    grow_experts(model, num_new=3, num_experts_per_tok=2, init=init)
+    assert model.config.expert_growth == [
+        {"num_experts": 3, "num_experts_per_tok": 2, "encoder_layers": [0, 1], "decoder_layers": [1]}
+    ]
+    block = model.model.decoder.layers[1].mlp
+    assert block.experts.fc1_weight.shape[0] == 7 and block.router.weight.shape[0] == 7
+    assert isinstance(model.model.decoder.layers[0].mlp, torch.nn.Module) and not isinstance(
+        model.model.decoder.layers[0].mlp, WhisperMoESparseBlock
+    )
+    torch.testing.assert_close(_logits(model, features, labels), before, atol=0, rtol=0)
+
+
+def test_new_experts_take_traffic_and_learn():
+    model = tiny_moe()
+    grow_experts(model, num_new=2, num_experts_per_tok=1)
+    features, labels = _inputs()
+    model.train()
+    out = model(features, labels=labels)
+    out.loss.backward()
+    block = model.model.encoder.layers[0].mlp
+    # every token also went to one new expert, whose zero output projection has a gradient
+    assert block.experts.fc2_weight.grad[4:].abs().sum() > 0
+    assert block.router.null_logits.requires_grad
+    # router logits: 4 + 2 experts and one null column
+    assert out.encoder_router_logits[0].shape[-1] == 7
+    assert out.encoder_aux_loss is not None and torch.isfinite(out.aux_loss)
+
+
+def test_dense_layer_becomes_sparse_exactly():
+    model = _perturbed(tiny_moe(encoder_sparse_layers=[], decoder_sparse_layers=[0]))
+    features, labels = _inputs()
+    before = _logits(model, features, labels)
+    grow_experts(model, num_new=2, encoder_layers=[1], decoder_layers=[1])
+    assert isinstance(model.model.encoder.layers[1].mlp, WhisperMoESparseBlock)
+    assert model.config.expert_groups("encoder", 1) == [(1, 1), (2, 1)]
+    assert model.config.expert_groups("decoder", 0) == [(4, 2)]
+    torch.testing.assert_close(_logits(model, features, labels), before, atol=0, rtol=0)
+
+
+def test_grown_folder_reloads_identically(tmp_path):
+    model = _perturbed(tiny_moe())
+    grow_experts(model, num_new=2, decoder_layers=[0])
+    _perturbed(model, seed=2)  # as after training: the new experts and null logits are no longer zero
+    model.save_pretrained(tmp_path / "grown")
+    reloaded = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path / "grown").eval()
+    assert reloaded.config.expert_growth == model.config.expert_growth
+    features, labels = _inputs()
+    torch.testing.assert_close(_logits(reloaded, features, labels), _logits(model.eval(), features, labels))
+
+
+def test_growing_twice_and_previous_model():
+    model = _perturbed(tiny_moe())
+    features, labels = _inputs()
+    first = _logits(model, features, labels)
+    grow_experts(model, num_new=2)
+    _perturbed(model, seed=3)  # phase 0 trained (old experts changed too, so compare phase by phase)
+    after_phase_0 = _logits(model, features, labels)
+    grow_experts(model, num_new=1, decoder_layers=[1])
+    torch.testing.assert_close(_logits(model, features, labels), after_phase_0, atol=0, rtol=0)
+    with previous_model(model) as previous:  # before phase 1 = after phase 0
+        torch.testing.assert_close(_logits(previous, features, labels), after_phase_0, atol=0, rtol=0)
+    with previous_model(model, phase=0):  # before any growth: the base groups alone
+        base_only = _logits(model, features, labels)
+    assert not torch.equal(base_only, first)  # _perturbed changed the base experts as well
+    assert model.model.decoder.layers[1].mlp.router.phases == [0, 1]
+    assert model.model.decoder.layers[0].mlp.router.phases == [0]
+
+
+@pytest.mark.parametrize("implementation", ["grouped", "loop", "grouped_mm", "batched_mm"])
+def test_grown_block_same_under_every_experts_implementation(implementation):
+    assert implementation in EXPERTS_FUNCTIONS or implementation == "grouped"
+    model = _perturbed(tiny_moe())
+    grow_experts(model, num_new=3, num_experts_per_tok=2)
+    _perturbed(model, seed=4)
+    features, labels = _inputs()
+    reference = _logits(model, features, labels)
+    model.set_experts_implementation(implementation)
+    torch.testing.assert_close(_logits(model, features, labels), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_grown_group_weights_are_softmax_against_null():
+    config = tiny_moe_config(
+        num_experts=3,
+        num_experts_per_tok=2,
+        expert_growth=[{"num_experts": 2, "num_experts_per_tok": 1, "encoder_layers": [0], "decoder_layers": []}],
+    )
+    block = WhisperMoESparseBlock(config, 24, config.expert_groups("encoder", 0), config.growth_phases("encoder", 0))
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    tokens = torch.randn(6, 16)
+    logits, weights, index = block.router(tokens)
+    raw = F.linear(tokens, block.router.weight)
+    base = raw[:, :3].softmax(-1).topk(2, dim=-1)
+    grown = torch.cat([raw[:, 3:], block.router.null_logits.expand(6, 1)], -1).softmax(-1)[:, :2].topk(1, dim=-1)
+    torch.testing.assert_close(weights[:, :2], base.values / base.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(weights[:, 2:], grown.values)
+    torch.testing.assert_close(index, torch.cat([base.indices, grown.indices + 3], -1))
+    assert logits.shape == (6, 6)  # 5 experts and the null column
+
+
+@pytest.mark.parametrize(
+    "phase, message",
+    [
+        (
+            {"num_experts": 0, "num_experts_per_tok": 1, "encoder_layers": [], "decoder_layers": [0]},
+            "num_experts >= 1",
+        ),
+        ({"num_experts": 2, "num_experts_per_tok": 3, "encoder_layers": [], "decoder_layers": [0]}, "num_experts_per"),
+        ({"num_experts": 2, "num_experts_per_tok": 1, "encoder_layers": [5], "decoder_layers": []}, "encoder layers"),
+        ({"num_experts": 2}, "exactly the keys"),
+    ],
+)
+def test_impossible_growth_configs_raise(phase, message):
+    with pytest.raises(ValueError, match=message):
+        WhisperMoEConfig(**{**TINY, "expert_growth": [phase]})
+
+
+def test_grow_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="init must be one of"):
+        grow_experts(tiny_moe(), num_new=2, init="zeros")
+    with pytest.raises(ValueError, match="no layer to grow"):
+        grow_experts(tiny_moe(encoder_sparse_layers=[], decoder_sparse_layers=[]), num_new=2)
