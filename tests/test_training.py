@@ -178,7 +178,7 @@ def test_train_script_upcycles_dense_checkpoints_unless_told_not_to(tiny_en_dens
     from train import load_model, parse_arguments
 
     common = ["--model_name_or_path", str(tiny_en_dense), "--output_dir", str(tmp_path)]
-    model_args, _, training_args, recipe = parse_arguments([*common, "--num_experts", "4"])
+    model_args, _, _, training_args, recipe = parse_arguments([*common, "--num_experts", "4"])
     assert recipe["path"].endswith("asr-finetune.json") and training_args.adam_beta2 == 0.98
     upcycled, _ = load_model(model_args)
     assert isinstance(upcycled, WhisperMoEForConditionalGeneration) and upcycled.config.num_experts == 4
