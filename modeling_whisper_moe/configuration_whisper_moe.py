@@ -237,12 +237,7 @@ class WhisperMoEConfig(WhisperConfig):
     def is_sparse_layer(self, side: str, layer_idx: int) -> bool:
         """Whether layer `layer_idx` of `side` ("encoder" or "decoder") has a sparse feed-forward block, from the
         start or since a growth phase."""
-        layers = getattr(self, f"{side}_sparse_layers")
-        return (
-            layers is None
-            or layer_idx in layers
-            or any(layer_idx in phase[f"{side}_layers"] for phase in self.expert_growth or ())
-        )
+        return bool(self.expert_groups(side, layer_idx))
 
     def sparse_layer_groups(self, side: str) -> list[list[tuple[int, int]]]:
         """`expert_groups` of each sparse layer of `side`, in layer order (the order of its router logits)."""
@@ -258,16 +253,14 @@ class WhisperMoEConfig(WhisperConfig):
         """(num_experts, num_experts_per_tok) of each expert group of a sparse layer, the base group first and then
         one per growth phase that grew it; [] for a dense layer. A layer that was dense before growing has the dense
         block as its base group's single expert."""
-        layers = getattr(self, f"{side}_sparse_layers")
-        groups = [(self.num_experts, self.num_experts_per_tok)] if layers is None or layer_idx in layers else [(1, 1)]
         grown = [
-            (phase["num_experts"], phase["num_experts_per_tok"])
-            for phase in self.expert_growth or ()
-            if layer_idx in phase[f"{side}_layers"]
+            (self.expert_growth[index]["num_experts"], self.expert_growth[index]["num_experts_per_tok"])
+            for index in self.growth_phases(side, layer_idx)
         ]
-        if groups == [(1, 1)] and not grown:
-            return []
-        return groups + grown
+        layers = getattr(self, f"{side}_sparse_layers")
+        if layers is None or layer_idx in layers:
+            return [(self.num_experts, self.num_experts_per_tok), *grown]
+        return [(1, 1), *grown] if grown else []
 
 
 __all__ = ["WhisperMoEConfig"]

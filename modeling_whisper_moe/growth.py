@@ -109,8 +109,7 @@ def _grown_block(
     block.router.weight[:num_old] = old.router.weight
     rows = torch.randn(num_new, config.d_model, generator=generator) * config.init_std
     block.router.weight[num_old:] = rows.to(reference.dtype)  # small, random: ties would send every token to one
-    block.router.null_logits.zero_()
-    if hasattr(old.router, "null_logits"):
+    if hasattr(old.router, "null_logits"):  # the new group's null logit starts at 0 (the router's own init)
         block.router.null_logits[: old.router.null_logits.numel()] = old.router.null_logits
     if old.shared_experts is not None:
         block.shared_experts.load_state_dict(old.shared_experts.state_dict())

@@ -112,10 +112,11 @@ def grown_router_losses(
     one, so every group is pulled towards using all of its experts. The z-loss covers every logit.
     Returns (balance, z_loss); balance is None when no group has more than one expert.
     """
-    base = [logits[:, : groups[0][0]] for logits, groups in zip(router_logits, groups_per_layer) if groups[0][0] > 1]
+    wide = [(logits, groups[0]) for logits, groups in zip(router_logits, groups_per_layer) if groups[0][0] > 1]
     balances = []
-    if base:
-        balances.append(load_balancing_loss(tuple(base), base[0].shape[-1], groups_per_layer[0][0][1], attention_mask))
+    if wide:  # every sparse-from-the-start layer has the config's base group; dense-made-sparse ones have one expert
+        (size, top_k), base = wide[0][1], tuple(logits[:, : group[0]] for logits, group in wide)
+        balances.append(load_balancing_loss(base, size, top_k, attention_mask))
     for logits, groups in zip(router_logits, groups_per_layer):
         offset = groups[0][0]
         for size, top_k in groups[1:]:
@@ -178,10 +179,7 @@ class WhisperMoERouter(nn.Module):
         if len(self.groups) == 1:
             return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
         null_logits = self.null_logits.to(router_logits.dtype).expand(router_logits.shape[0], -1)  # (tokens, G)
-        if self.routed_phases is None or self.phases[0] < self.routed_phases:
-            top_k_weights, top_k_index = self._route_grown_groups(
-                router_logits, null_logits, top_k_weights, top_k_index
-            )
+        top_k_weights, top_k_index = self._route_grown_groups(router_logits, null_logits, top_k_weights, top_k_index)
         return torch.cat([router_logits, null_logits], dim=-1), top_k_weights.to(hidden_states.dtype), top_k_index
 
     def _route_grown_groups(

@@ -34,6 +34,8 @@ from modeling_whisper_moe.growth import grow_experts, previous_model
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX, WhisperMoERouter
 from modeling_whisper_moe.training import WhisperMoETrainer
 
+from .data import read_manifest
+
 REPLAY_COLUMN = "is_replay"  # 1 on rows of the replay set: the old domain the anchoring and distillation hold
 EXPERT_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 PSEUDO_LABEL_BATCH = 8  # clips the previous model transcribes at once when labelling the replay set
@@ -140,9 +142,10 @@ def apply_lifelong_mode(model: nn.Module, trainable: Iterable[str] = ()) -> Froz
     model.requires_grad_(False)
     frozen = FrozenRows()
     for module in model.modules():
-        if not isinstance(module, WhisperMoERouter) or newest_group(module, phase) is None:
+        located = newest_group(module, phase) if isinstance(module, WhisperMoERouter) else None
+        if located is None:
             continue
-        first, size, null_column = newest_group(module, phase)
+        first, size, null_column = located
         rows = torch.zeros(module.num_experts, dtype=torch.bool)
         rows[first : first + size] = True
         block = _block_of(model, module)
@@ -270,9 +273,7 @@ def lifelong_losses(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def pseudo_label_manifests(
-    model: nn.Module, processor, manifests: Sequence[str], output_csv: Path, read_manifest
-) -> Path:
+def pseudo_label_manifests(model: nn.Module, processor, manifests: Sequence[str], output_csv: Path) -> Path:
     """Transcribe every clip of `manifests` with `model` (greedy, 30 s windows) into `output_csv` (path,text, absolute
     paths). An existing file listing the same clips is reused, so a resumed run labels nothing twice."""
     paths = [row for manifest in manifests for row in read_manifest(manifest)["audio"]]

@@ -259,7 +259,7 @@ def with_replay(train, model, processor, data_args: DataArguments, lifelong_args
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     labels_csv = pseudo_label_manifests(
-        model, processor, lifelong_args.replay_manifest, output_dir / "replay_pseudo_labels.csv", read_manifest
+        model, processor, lifelong_args.replay_manifest, output_dir / "replay_pseudo_labels.csv"
     )
     replay = prepare_dataset(read_manifest(labels_csv), processor, max_label_length=data_args.max_label_length)
     return mix_replay(train, replay, lifelong_args.replay_fraction, training_args.seed)

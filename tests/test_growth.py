@@ -159,3 +159,16 @@ def test_grow_rejects_bad_arguments():
         grow_experts(tiny_moe(), num_new=2, init="zeros")
     with pytest.raises(ValueError, match="no layer to grow"):
         grow_experts(tiny_moe(encoder_sparse_layers=[], decoder_sparse_layers=[]), num_new=2)
+
+
+def test_router_losses_balance_the_base_group_with_its_own_top_k_when_a_dense_layer_grew_first():
+    from modeling_whisper_moe.modeling_whisper_moe import grown_router_losses, load_balancing_loss
+
+    config = tiny_moe_config(encoder_sparse_layers=[1], expert_growth=[
+        {"num_experts": 1, "num_experts_per_tok": 1, "encoder_layers": [0], "decoder_layers": []}
+    ])  # fmt: skip
+    groups = config.sparse_layer_groups("encoder")
+    assert groups == [[(1, 1), (1, 1)], [(4, 2)]]
+    dense_made_sparse, sparse = torch.randn(6, 3), torch.randn(6, 4)
+    balance, _ = grown_router_losses((dense_made_sparse, sparse), groups)
+    torch.testing.assert_close(balance, load_balancing_loss((sparse,), 4, 2))
