@@ -88,6 +88,32 @@ def copy_hub_code(folder: str | os.PathLike) -> list[Path]:
     return copied
 
 
+class HubSavingMixin:
+    """`save_pretrained` for every WhisperMoE head: a self-contained Hub folder (weights, config with `auto_map` and
+    `custom_pipelines`, the code, a model card), written atomically.
+
+    A head names the Auto classes it answers over `AUTO_MAP` in `hub_auto_map` and writes its card in
+    `hub_model_card`; it lists this mixin before `PreTrainedModel` in its bases.
+    """
+
+    hub_auto_map: dict[str, str] = {}
+
+    def hub_model_card(self) -> str:
+        """The README.md (Hub model card) a save writes into a folder that has none."""
+        raise NotImplementedError(f"{type(self).__name__} must write its model card in hub_model_card().")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Write a self-contained Hub folder: weights, config with `auto_map` and `custom_pipelines`, the code, and a
+        model card (kept if the folder already has a README.md). Files land atomically."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP, **self.hub_auto_map}
+        self.config.custom_pipelines = merged_custom_pipelines(self.config, save_directory)
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            copy_hub_code(staging)
+            if not (Path(save_directory) / "README.md").exists():
+                (staging / "README.md").write_text(self.hub_model_card(), encoding="utf-8")
+
+
 def _umask() -> int:
     """The process's umask (reading it means setting it, so it is set straight back)."""
     umask = os.umask(0)
