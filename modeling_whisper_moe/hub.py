@@ -1,7 +1,7 @@
 """What a Hub folder of WhisperMoE holds beyond weights: the code, the auto_map, the custom pipelines, a model card.
 
-Folders are written to a temporary sibling first and moved into place file by file, so an interrupted save never
-leaves a half-written weight file behind.
+Folders are written to a temporary sibling first and moved into place file by file, and single files to a temporary
+sibling renamed into place, so an interrupted save never leaves a half-written file behind.
 """
 
 import contextlib
@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,6 +89,58 @@ def copy_hub_code(folder: str | os.PathLike) -> list[Path]:
     return copied
 
 
+class HubSavingMixin:
+    """`save_pretrained` for every WhisperMoE head: a self-contained Hub folder (weights, config with `auto_map` and
+    `custom_pipelines`, the code, a model card), written atomically.
+
+    A head names the Auto classes it answers over `AUTO_MAP` in `hub_auto_map` and writes its card in
+    `hub_model_card`; it lists this mixin before `PreTrainedModel` in its bases.
+    """
+
+    hub_auto_map: dict[str, str] = {}
+
+    def hub_model_card(self) -> str:
+        """The README.md (Hub model card) a save writes into a folder that has none."""
+        raise NotImplementedError(f"{type(self).__name__} must write its model card in hub_model_card().")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Write a self-contained Hub folder: weights, config with `auto_map` and `custom_pipelines`, the code, and a
+        model card (kept if the folder already has a README.md). Files land atomically."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP, **self.hub_auto_map}
+        self.config.custom_pipelines = merged_custom_pipelines(self.config, save_directory)
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            copy_hub_code(staging)
+            if not (Path(save_directory) / "README.md").exists():
+                (staging / "README.md").write_text(self.hub_model_card(), encoding="utf-8")
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target` to write one file to; on success it replaces `target` in one rename.
+
+    The temporary name keeps `target`'s suffix (writers that pick a format by suffix pick the same one). The file
+    ends with the permissions a plain `open()` gives (0o666 less the umask), not mkstemp's private 0600. On error it
+    is deleted and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp{target.suffix}")
+    try:
+        yield temporary
+        temporary.chmod(0o666 & ~_umask())
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; on success move its files into `target`.
@@ -99,9 +152,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     # mkdtemp makes a private (0700) folder; a saved folder gets the usual permissions, as mkdir would give it
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    staging.chmod(0o777 & ~_umask())
     try:
         yield staging
         if not target.exists():

@@ -1,13 +1,13 @@
 """WhisperMoE: Whisper's encoder-decoder whose feed-forward blocks are sparse Mixtures of Experts.
 
-Read top to bottom: router losses, router, experts, sparse block, layers, encoder, decoder, model, generation head.
-Everything not about experts (attention, embeddings, generation) is Whisper's own, inherited from transformers.
+Read top to bottom: router losses, router, experts, sparse block, layers, encoder, decoder, model, head.
+Everything not about experts (attention, embeddings) is Whisper's own, inherited from transformers; the head's
+generation lives in generation_whisper_moe.py, its Hub saving in hub.py, upcycling and the text front-end surgery in
+upcycling.py.
 """
 
-import copy
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,6 @@ from torch import nn
 from transformers import WhisperForConditionalGeneration, WhisperModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
@@ -31,16 +30,14 @@ from transformers.models.whisper.modeling_whisper import (
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_whisper_moe import WhisperMoEConfig
-from .hub import AUTO_MAP, atomic_directory, copy_hub_code, merged_custom_pipelines
+from .generation_whisper_moe import WhisperMoEGenerationMixin, language_token_id, text_decoder_prompt
+from .hub import HubSavingMixin
 from .model_card import model_card
 from .packing import block_diagonal_mask, pack, plan_packing, unpack
 from .quantization import quantize_model
-from .upcycling import moe_config_from_dense, upcycle_state_dict
+from .upcycling import add_text_frontend, upcycle
 
 IGNORE_INDEX = -100  # label value the cross-entropy skips (padding)
-# Decoder task token for text output. Whisper's "translate" means "into English"; "transcribe" after a language token
-# means "write in that language", so <|de|><|transcribe|> asks for German whatever the input's language.
-TEXT_TASK = "transcribe"
 ENCODER_DOWNSAMPLING = 2  # conv2's stride: one encoder position per two mel frames
 
 
@@ -125,6 +122,42 @@ def grown_router_losses(
             offset += size
     z_loss = torch.stack([router_z_loss((logits,), attention_mask) for logits in router_logits]).mean()
     return (torch.stack(balances).mean() if balances else None), z_loss
+
+
+def router_losses(
+    encoder_router_logits: tuple[torch.Tensor, ...] | None,
+    decoder_router_logits: tuple[torch.Tensor, ...] | None,
+    encoder_mask: torch.Tensor | None,
+    decoder_mask: torch.Tensor | None,
+    config: WhisperMoEConfig,
+) -> dict[str, torch.Tensor | None]:
+    """Load-balancing and z-losses of the encoder's and the decoder's sparse layers, padding masked, and their sum.
+
+    Each side's router logits are one (tokens, num_experts) tensor per sparse layer (plus one null
+    column per grown group in a model that grew experts), and its mask covers those tokens
+    (1 = real, any shape with that many elements; None counts every token). Returns `aux_loss` =
+    router_aux_loss_coef * (encoder_aux_loss + decoder_aux_loss) + router_z_loss_coef * (encoder_z_loss +
+    decoder_z_loss) and the four unweighted parts; a side without sparse layers gives None for its parts.
+    """
+    losses: dict[str, torch.Tensor | None] = {"aux_loss": None}
+    for side, logits, mask in (
+        ("encoder", encoder_router_logits, encoder_mask),
+        ("decoder", decoder_router_logits, decoder_mask),
+    ):
+        if not logits:
+            losses[f"{side}_aux_loss"] = losses[f"{side}_z_loss"] = None
+            continue
+        if config.expert_growth:
+            balance, z_loss = grown_router_losses(logits, config.sparse_layer_groups(side), mask)
+            balance = balance if balance is not None else torch.zeros_like(z_loss)
+        else:
+            balance = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, mask)
+            z_loss = router_z_loss(logits, mask)
+        weighted = config.router_aux_loss_coef * balance + config.router_z_loss_coef * z_loss
+        losses[f"{side}_aux_loss"], losses[f"{side}_z_loss"] = balance, z_loss
+        total = losses["aux_loss"]
+        losses["aux_loss"] = weighted if total is None else total + weighted.to(total.device)
+    return losses
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,6 +392,7 @@ def _feed_forward_block(config: WhisperMoEConfig, side: str, layer_idx: int, ffn
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Adapted from transformers.models.whisper.modeling_whisper (5.x)
 class _FeedForwardResidual:
     """The pre-norm residual feed-forward sub-block both layer kinds end with."""
 
@@ -375,6 +409,7 @@ class WhisperMoEEncoderLayer(_FeedForwardResidual, WhisperEncoderLayer):
         del self.fc1, self.fc2
         self.mlp = _feed_forward_block(config, "encoder", layer_idx, config.encoder_ffn_dim)
 
+    # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
         """(batch, 1500, d_model) -> (batch, 1500, d_model)."""
         residual = hidden_states
@@ -395,6 +430,7 @@ class WhisperMoEDecoderLayer(_FeedForwardResidual, WhisperDecoderLayer):
         del self.fc1, self.fc2
         self.mlp = _feed_forward_block(config, "decoder", layer_idx, config.decoder_ffn_dim)
 
+    # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -496,33 +532,10 @@ def _router_recorder() -> dict:
     return {"router_logits": OutputRecorder(WhisperMoERouter, index=0)}
 
 
-def language_token_id(generation_config: GenerationConfig, language: str) -> int:
-    """The id of `language`'s token: a code ("de"), a name ("german") or the token itself ("<|de|>")."""
-    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
-
-    lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
-    code = language.strip("<|>").lower()
-    code = TO_LANGUAGE_CODE.get(code, code)
-    if f"<|{code}|>" not in lang_to_id:
-        known = ", ".join(sorted(token.strip("<|>") for token in lang_to_id)) or "none (an English-only checkpoint)"
-        raise ValueError(f"Unknown language {language!r}; this model's languages: {known}.")
-    return lang_to_id[f"<|{code}|>"]
-
-
-def text_decoder_prompt(generation_config: GenerationConfig, language: str) -> list[int]:
-    """Decoder prompt for text output in `language`:
-    <|startoftranscript|><|language|><|transcribe|><|notimestamps|>."""
-    return [
-        generation_config.decoder_start_token_id,
-        language_token_id(generation_config, language),
-        generation_config.task_to_id[TEXT_TASK],
-        generation_config.no_timestamps_token_id,
-    ]
-
-
 class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
     _can_record_outputs = {**WhisperEncoder._can_record_outputs, **_router_recorder()}
 
+    # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def __init__(self, config: WhisperMoEConfig):
         WhisperMoEPreTrainedModel.__init__(self, config)
         self.dropout = config.dropout
@@ -681,6 +694,7 @@ class WhisperMoEDecoder(WhisperMoEPreTrainedModel, WhisperDecoder):
     _can_record_outputs = {**WhisperDecoder._can_record_outputs, **_router_recorder()}
     main_input_name = "input_ids"
 
+    # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def __init__(self, config: WhisperMoEConfig):
         WhisperMoEPreTrainedModel.__init__(self, config)
         self.dropout = config.dropout
@@ -739,6 +753,7 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
             quantize_model(self)
         self.post_init()
 
+    # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(
         self,
         input_features: torch.Tensor | None = None,
@@ -803,11 +818,11 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
         )
 
 
-class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForConditionalGeneration):
+class WhisperMoEForConditionalGeneration(
+    HubSavingMixin, WhisperMoEGenerationMixin, WhisperMoEPreTrainedModel, WhisperForConditionalGeneration
+):
     """WhisperMoE with Whisper's language-model head and all of Whisper's generation (languages, tasks, timestamps,
     prompts, long-form). Make one from a dense checkpoint with [`from_dense`](upcycling.py)."""
-
-    hub_auto_map: dict[str, str] = {}  # Auto classes a subclass answers in the folders it saves (over AUTO_MAP)
 
     def __init__(self, config: WhisperMoEConfig):
         WhisperMoEPreTrainedModel.__init__(self, config)
@@ -834,189 +849,19 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
         logits equal the source's. The source's generation config (languages, tasks, suppressed tokens, alignment
         heads) comes along. `text_frontend=True` adds a text front-end (see `add_text_frontend`).
         """
-        if not isinstance(dense, WhisperForConditionalGeneration):
-            dense = WhisperForConditionalGeneration.from_pretrained(dense)
-        source = str(dense.config._name_or_path or "") or None
-        config = moe_config_from_dense(dense.config, upcycled_from=source, **moe_options)
-        if not config.norm_topk_prob and config.num_experts_per_tok > 1:
-            raise ValueError(
-                "from_dense needs norm_topk_prob=True: without renormalised top-k weights the upcycled experts "
-                "would not sum to the dense block."
-            )
-        state = upcycle_state_dict(dense.state_dict(), config, seed=seed)
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(state, strict=True, assign=True)
-        model.tie_weights()
-        model.generation_config = copy.deepcopy(dense.generation_config)
-        if text_frontend:
-            model.add_text_frontend(max_text_positions)
-        return model.to(dense.dtype).train(dense.training)
+        return upcycle(cls, dense, seed, text_frontend, max_text_positions, **moe_options)
 
     def add_text_frontend(
         self, max_text_positions: int | None = None, text_encoder_layers: int | None = None
     ) -> "WhisperMoEForConditionalGeneration":
-        """Give the encoder a text front-end and set `config.text_frontend`; returns the model.
+        """Give the encoder a text front-end (token embedding from the decoder's, positions from the encoder's) and
+        set `config.text_frontend`; returns the model. See `upcycling.add_text_frontend`."""
+        return add_text_frontend(self, max_text_positions, text_encoder_layers)
 
-        The token embedding starts as a copy of the decoder's (Whisper's tokenizer serves both sides, so the encoder
-        reads the same ids with embeddings that already mean something), rescaled to the size of the encoder's own
-        positions; the positions start as the encoder's sinusoids, which its layers already read. Unscaled, the
-        decoder's embeddings are ~30x smaller than what the audio front-end feeds the layers, and the pretrained
-        layers wash the token identities out. `text_encoder_layers`: see the config field.
-        """
-        if self.config.text_frontend:
-            raise ValueError("This model already has a text front-end (config.text_frontend=True).")
-        max_text_positions = max_text_positions or self.config.max_text_positions
-        decoder, encoder = self.model.decoder, self.model.encoder
-        if not 1 <= max_text_positions <= encoder.embed_positions.num_embeddings:
-            raise ValueError(
-                f"max_text_positions must be between 1 and the encoder's {encoder.embed_positions.num_embeddings} "
-                f"positions it is copied from, got {max_text_positions}."
-            )
-        self.config.check_text_encoder_layers(text_encoder_layers)
-        self.config.text_frontend, self.config.max_text_positions = True, max_text_positions
-        self.config.text_encoder_layers = text_encoder_layers
-        positions = encoder.embed_positions.weight[:max_text_positions].detach().clone()
-        tokens = decoder.embed_tokens.weight.detach().clone()
-        tokens *= positions.pow(2).mean().sqrt() / tokens.pow(2).mean().sqrt()
-        encoder.embed_text_tokens = nn.Embedding.from_pretrained(tokens, freeze=False, padding_idx=encoder.padding_idx)
-        encoder.embed_text_positions = nn.Embedding.from_pretrained(positions, freeze=False)
-        return self
+    def hub_model_card(self) -> str:
+        return model_card(self)
 
-    def generate(self, input_features: torch.Tensor | None = None, *args, input_ids=None, **kwargs):
-        """Whisper's generate for audio (`input_features`, every Whisper option). For text (`input_ids` (batch,
-        text_len) with `attention_mask`, `config.text_frontend`) see `generate_from_text`."""
-        if input_ids is None and self.config.variable_length_audio:
-            return self.generate_variable_length(input_features, *args, **kwargs)
-        if input_ids is None:
-            return super().generate(input_features, *args, **kwargs)
-        if input_features is not None or args:
-            raise ValueError("generate takes either input_features (audio) or input_ids (text), not both.")
-        return self.generate_from_text(input_ids, **kwargs)
-
-    @torch.no_grad()
-    def generate_from_text(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        language: str | None = None,
-        generation_config: GenerationConfig | None = None,
-        **kwargs,
-    ) -> torch.LongTensor:
-        """Text in, text out: the decoder is prompted <|startoftranscript|><|language|><|transcribe|><|notimestamps|>
-        and decodes with transformers' generic `generate` (greedy or beam search; `kwargs` are its options).
-
-        input_ids, attention_mask: (batch, text_len), 1 = real token. language: the output's ("de", "german").
-        Returns (batch, prompt + new tokens) ids, prompt included.
-        """
-        if language is None:
-            raise ValueError("Text generation needs the output's language, e.g. language='de'.")
-        prompt = text_decoder_prompt(generation_config or self.generation_config, language)
-        generation_config, model_kwargs = self._prompted_generation_config(generation_config, len(prompt), **kwargs)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
-        decoder_input_ids = torch.tensor([prompt], device=input_ids.device).expand(input_ids.shape[0], -1)
-        return GenerationMixin.generate(
-            self,
-            encoder_outputs=encoder_outputs,
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
-            generation_config=generation_config,
-            **model_kwargs,
-        )
-
-    @torch.no_grad()
-    def generate_variable_length(
-        self,
-        input_features: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        language: str | None = None,
-        task: str | None = None,
-        generation_config: GenerationConfig | None = None,
-        **kwargs,
-    ) -> torch.LongTensor:
-        """Transcribe or translate with `config.variable_length_audio`: only real frames are encoded (packed), then
-        the decoder is prompted <|startoftranscript|>[<|language|><|task|>]<|notimestamps|> and decodes greedily or
-        with beam search (`kwargs` are transformers' generate options).
-
-        input_features (batch, num_mel_bins, frames), attention_mask (batch, frames), 1 = real frame. A multilingual
-        model detects each clip's language unless `language` is given. Returns (batch, new tokens) ids.
-        """
-        for option in ("return_timestamps", "return_token_timestamps", "return_segments", "prompt_ids"):
-            if kwargs.pop(option, None):
-                raise ValueError(f"{option} is not available with variable_length_audio (no 30 s windows).")
-        generation_config = generation_config or self.generation_config
-        encoder_outputs = self.get_encoder()(input_features, attention_mask=attention_mask)
-        prompt = self._audio_prompt(encoder_outputs, generation_config, language, task)  # (batch, prompt_len)
-        config, model_kwargs = self._prompted_generation_config(generation_config, prompt.shape[1], **kwargs)
-        sequences = GenerationMixin.generate(
-            self,
-            encoder_outputs=encoder_outputs,
-            decoder_input_ids=prompt,
-            generation_config=config,
-            **model_kwargs,
-        )
-        return sequences[:, prompt.shape[1] :]
-
-    def _audio_prompt(
-        self,
-        encoder_outputs: BaseModelOutput,
-        generation_config: GenerationConfig,
-        language: str | None,
-        task: str | None,
-    ) -> torch.LongTensor:
-        """(batch, prompt_len) decoder prompt; the language token per clip, detected when not given."""
-        batch_size = encoder_outputs.last_hidden_state.shape[0]
-        device = encoder_outputs.last_hidden_state.device
-        start = torch.full((batch_size, 1), generation_config.decoder_start_token_id, device=device)
-        no_timestamps = torch.full((batch_size, 1), generation_config.no_timestamps_token_id, device=device)
-        if not getattr(generation_config, "is_multilingual", False):
-            if language not in (None, "en", "english") or task not in (None, "transcribe"):
-                raise ValueError("This English-only model transcribes English; it takes no language or task.")
-            return torch.cat([start, no_timestamps], dim=1)
-        language = language or getattr(generation_config, "language", None)
-        if language is None:
-            languages = self.detect_language(encoder_outputs=encoder_outputs, generation_config=generation_config)
-        else:
-            languages = torch.full((batch_size,), language_token_id(generation_config, language), device=device)
-        task = task or getattr(generation_config, "task", None) or "transcribe"
-        if task not in generation_config.task_to_id:
-            raise ValueError(f"Unknown task {task!r}; choose one of {sorted(generation_config.task_to_id)}.")
-        task_ids = torch.full((batch_size, 1), generation_config.task_to_id[task], device=device)
-        return torch.cat([start, languages[:, None].to(start.dtype), task_ids, no_timestamps], dim=1)
-
-    def _prompted_generation_config(
-        self, generation_config: GenerationConfig | None, prompt_length: int, **kwargs
-    ) -> tuple[GenerationConfig, dict]:
-        """A copy of the generation config set up for text output and updated with `kwargs`; returns it and the
-        kwargs that are no generation option (model inputs)."""
-        config = copy.deepcopy(generation_config or self.generation_config)
-        model_kwargs = config.update(**kwargs)
-        # Whisper's audio-only settings that the generic generate would misapply; timestamps never belong in text
-        config.forced_decoder_ids = None
-        config.begin_suppress_tokens = None
-        timestamps = range(config.no_timestamps_token_id + 1, self.config.vocab_size)
-        config.suppress_tokens = [*(config.suppress_tokens or []), *timestamps]
-        # the decoder has max_target_positions positions, the prompt's included
-        room = self.config.max_target_positions - prompt_length
-        if config.max_new_tokens is not None:
-            config.max_new_tokens, config.max_length = min(config.max_new_tokens, room), None
-        else:
-            config.max_length = min(config.max_length or room, self.config.max_target_positions)
-        return config, model_kwargs
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Write a self-contained Hub folder: weights, config with `auto_map` and `custom_pipelines`, the code, and a
-        model card (kept if the folder already has a README.md). Files land atomically."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP, **self.hub_auto_map}
-        self.config.custom_pipelines = merged_custom_pipelines(self.config, save_directory)
-        with atomic_directory(save_directory) as staging:
-            super().save_pretrained(staging, *args, **kwargs)
-            copy_hub_code(staging)
-            if not (Path(save_directory) / "README.md").exists():
-                (staging / "README.md").write_text(model_card(self), encoding="utf-8")
-
+    # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(
         self,
         input_features: torch.Tensor | None = None,
@@ -1070,17 +915,20 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
             **kwargs,
         )
         logits = self.proj_out(outputs.last_hidden_state)
-        router_losses = self._router_losses(outputs, attention_mask, decoder_attention_mask, labels)
+        encoder_mask, decoder_mask = self._router_masks(outputs, attention_mask, decoder_attention_mask, labels)
+        losses = router_losses(
+            outputs.encoder_router_logits, outputs.decoder_router_logits, encoder_mask, decoder_mask, self.config
+        )
         loss = None
         if labels is not None:
             loss = self._cross_entropy(logits, labels, num_items_in_batch)
-            if router_losses["aux_loss"] is not None and num_items_in_batch is not None:
+            if losses["aux_loss"] is not None and num_items_in_batch is not None:
                 # each micro-batch adds its router losses weighted by its share of the accumulated batch's labels,
                 # so the accumulated sum is a weighted mean at the scale of one full-batch step
                 share = (labels != IGNORE_INDEX).sum().to(logits.device) / num_items_in_batch
-                router_losses["aux_loss"] = router_losses["aux_loss"] * share
-            if router_losses["aux_loss"] is not None:
-                loss = loss + router_losses["aux_loss"].to(loss.device)
+                losses["aux_loss"] = losses["aux_loss"] * share
+            if losses["aux_loss"] is not None:
+                loss = loss + losses["aux_loss"].to(loss.device)
         return WhisperMoEOutput(
             loss=loss,
             logits=logits,
@@ -1093,7 +941,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
             encoder_attentions=outputs.encoder_attentions,
             encoder_router_logits=outputs.encoder_router_logits,
             decoder_router_logits=outputs.decoder_router_logits,
-            **router_losses,
+            **losses,
         )
 
     def _cross_entropy(
@@ -1108,15 +956,14 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
             num_items_in_batch = num_items_in_batch.to(summed.device)
         return summed / num_items_in_batch
 
-    def _router_losses(
+    def _router_masks(
         self,
         outputs: WhisperMoEModelOutput,
         attention_mask: torch.Tensor | None,
         decoder_attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor | None]:
-        """Load-balancing and z-losses of encoder and decoder, padding masked, and their weighted sum."""
-        config = self.config
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The real tokens each side's routers saw: (encoder mask, decoder mask), None where all were real."""
         encoder_mask = attention_mask[:, ::ENCODER_DOWNSAMPLING] if attention_mask is not None else None
         if outputs.encoder_attention_mask is not None:  # text input: the mask already covers encoder positions
             encoder_mask = outputs.encoder_attention_mask
@@ -1124,26 +971,7 @@ class WhisperMoEForConditionalGeneration(WhisperMoEPreTrainedModel, WhisperForCo
             encoder_mask = outputs.encoder_router_mask[None]
         if decoder_attention_mask is None and labels is not None:
             decoder_attention_mask = labels != IGNORE_INDEX
-        losses = {"aux_loss": None}
-        for side, logits, mask in (
-            ("encoder", outputs.encoder_router_logits, encoder_mask),
-            ("decoder", outputs.decoder_router_logits, decoder_attention_mask),
-        ):
-            if not logits:
-                losses[f"{side}_aux_loss"] = losses[f"{side}_z_loss"] = None
-                continue
-            if config.expert_growth:
-                balance, z_loss = grown_router_losses(logits, config.sparse_layer_groups(side), mask)
-                balance = balance if balance is not None else torch.zeros_like(z_loss)
-            else:
-                balance = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, mask)
-                z_loss = router_z_loss(logits, mask)
-            weighted = config.router_aux_loss_coef * balance + config.router_z_loss_coef * z_loss
-            losses[f"{side}_aux_loss"], losses[f"{side}_z_loss"] = balance, z_loss
-            losses["aux_loss"] = (
-                weighted if losses["aux_loss"] is None else losses["aux_loss"] + weighted.to(losses["aux_loss"].device)
-            )
-        return losses
+        return encoder_mask, decoder_attention_mask
 
 
 __all__ = [
@@ -1151,8 +979,10 @@ __all__ = [
     "WhisperMoEModel",
     "WhisperMoEForConditionalGeneration",
     "WhisperMoEEncoderOutput",
-    "language_token_id",
     "load_balancing_loss",
+    "router_losses",
     "router_z_loss",
+    # re-exported for older imports; their home is generation_whisper_moe.py
+    "language_token_id",
     "text_decoder_prompt",
 ]

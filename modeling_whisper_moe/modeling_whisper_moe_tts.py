@@ -43,8 +43,7 @@ from .modeling_whisper_moe import (
     WhisperMoEOutput,
     WhisperMoEPreTrainedModel,
     WhisperMoERouter,
-    load_balancing_loss,
-    router_z_loss,
+    router_losses,
 )
 
 MAX_FRAMES_PER_TOKEN = 150  # 1.5 s: no single text token is spoken longer; caps runaway duration predictions
@@ -327,9 +326,9 @@ class SpeechOutputMixin:
         if durations is None:
             durations = self.durations_from_log(log_durations, attention_mask)
         mel, frame_mask, step_mask, decoder_logits = self.decode_frames(text_states, attention_mask, durations)
-        router_losses = self._speech_router_losses(encoder_logits, attention_mask, decoder_logits, step_mask)
+        losses = router_losses(encoder_logits, decoder_logits, attention_mask, step_mask, self.config)
         output = WhisperMoETextToSpeechOutput(
-            spectrogram=mel, log_durations=log_durations, frames_mask=frame_mask, **router_losses
+            spectrogram=mel, log_durations=log_durations, frames_mask=frame_mask, **losses
         )
         if labels is not None:
             if labels.shape[:2] != mel.shape[:2]:
@@ -378,29 +377,6 @@ class SpeechOutputMixin:
             output = self.forward_speech(input_ids, attention_mask, durations, speaker_embeddings=speaker_embeddings)
         lengths = output.frames_mask.sum(dim=-1).tolist()
         return [mel[:length] for mel, length in zip(output.spectrogram, lengths)]
-
-    def _speech_router_losses(
-        self,
-        encoder_logits: tuple[torch.Tensor, ...],
-        attention_mask: torch.Tensor,
-        decoder_logits: tuple[torch.Tensor, ...],
-        frame_mask: torch.Tensor,
-    ) -> dict[str, torch.Tensor | None]:
-        """Load-balancing and z-losses of the text encoder and mel decoder, padding masked, and their weighted sum."""
-        config = self.config
-        losses: dict[str, torch.Tensor | None] = {"aux_loss": None}
-        for side, logits, mask in (
-            ("encoder", encoder_logits, attention_mask),
-            ("decoder", decoder_logits, frame_mask),
-        ):
-            if not logits:
-                continue
-            balance = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, mask)
-            z_loss = router_z_loss(logits, mask)
-            losses[f"{side}_aux_loss"], losses[f"{side}_z_loss"] = balance, z_loss
-            weighted = config.router_aux_loss_coef * balance + config.router_z_loss_coef * z_loss
-            losses["aux_loss"] = weighted if losses["aux_loss"] is None else losses["aux_loss"] + weighted
-        return losses
 
 
 class WhisperMoEForTextToSpeech(SpeechOutputMixin, WhisperMoEPreTrainedModel):

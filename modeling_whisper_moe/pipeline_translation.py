@@ -12,7 +12,7 @@ behind its language token; the decoder is prompted with the target language's to
 import torch
 from transformers import GenerationConfig, Pipeline
 
-from .modeling_whisper_moe import language_token_id
+from .generation_whisper_moe import language_token_id
 
 # Whisper's text follows its prefix tokens with a leading space; the source side is written the same way, so the
 # decoder's embeddings the text front-end starts from see the tokens they know.

@@ -4,12 +4,22 @@ Every routed expert starts as a copy of the dense feed-forward block. With renor
 sum of k identical experts is the dense block itself, so the upcycled model reproduces its source at step 0 and
 training only has to make the experts diverge. Shared experts, when configured, take half of the dense output and
 the routed experts the other half, so the sum is still exact.
+
+Also here: the text front-end surgery, which gives a trained model's encoder a token embedding made from the
+decoder's.
 """
 
+import copy
+import os
+from typing import TypeVar
+
 import torch
-from transformers import WhisperConfig
+from torch import nn
+from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from .configuration_whisper_moe import WhisperMoEConfig
+
+Model = TypeVar("Model", bound=nn.Module)
 
 # Keys of a dense config that describe where it came from rather than what it is.
 _PROVENANCE_KEYS = ("model_type", "architectures", "auto_map", "_name_or_path", "transformers_version", "dtype")
@@ -82,3 +92,65 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], config: WhisperMoEConfig,
                 for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
                     upcycled[f"{prefix}mlp.{name}"] = dense[f"{prefix}{name}"]
     return upcycled
+
+
+def upcycle(
+    model_class: type[Model],
+    dense: WhisperForConditionalGeneration | str | os.PathLike,
+    seed: int = 0,
+    text_frontend: bool = False,
+    max_text_positions: int | None = None,
+    **moe_options,
+) -> Model:
+    """Upcycle a dense Whisper (a `WhisperForConditionalGeneration` or a folder / Hub id holding one) into a
+    `model_class` (a WhisperMoE encoder-decoder head); see `WhisperMoEForConditionalGeneration.from_dense`."""
+    if not isinstance(dense, WhisperForConditionalGeneration):
+        dense = WhisperForConditionalGeneration.from_pretrained(dense)
+    source = str(dense.config._name_or_path or "") or None
+    config = moe_config_from_dense(dense.config, upcycled_from=source, **moe_options)
+    if not config.norm_topk_prob and config.num_experts_per_tok > 1:
+        raise ValueError(
+            "from_dense needs norm_topk_prob=True: without renormalised top-k weights the upcycled experts "
+            "would not sum to the dense block."
+        )
+    state = upcycle_state_dict(dense.state_dict(), config, seed=seed)
+    with torch.device("meta"):
+        model = model_class(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.generation_config = copy.deepcopy(dense.generation_config)
+    if text_frontend:
+        add_text_frontend(model, max_text_positions)
+    return model.to(dense.dtype).train(dense.training)
+
+
+def add_text_frontend(
+    model: Model, max_text_positions: int | None = None, text_encoder_layers: int | None = None
+) -> Model:
+    """Give `model`'s encoder (`model.model.encoder`) a text front-end and set `config.text_frontend`; returns it.
+
+    The token embedding starts as a copy of the decoder's (Whisper's tokenizer serves both sides, so the encoder
+    reads the same ids with embeddings that already mean something), rescaled to the size of the encoder's own
+    positions; the positions start as the encoder's sinusoids, which its layers already read. Unscaled, the
+    decoder's embeddings are ~30x smaller than what the audio front-end feeds the layers, and the pretrained
+    layers wash the token identities out. `text_encoder_layers`: see the config field.
+    """
+    config = model.config
+    if config.text_frontend:
+        raise ValueError("This model already has a text front-end (config.text_frontend=True).")
+    max_text_positions = max_text_positions or config.max_text_positions
+    decoder, encoder = model.model.decoder, model.model.encoder
+    if not 1 <= max_text_positions <= encoder.embed_positions.num_embeddings:
+        raise ValueError(
+            f"max_text_positions must be between 1 and the encoder's {encoder.embed_positions.num_embeddings} "
+            f"positions it is copied from, got {max_text_positions}."
+        )
+    config.check_text_encoder_layers(text_encoder_layers)
+    config.text_frontend, config.max_text_positions = True, max_text_positions
+    config.text_encoder_layers = text_encoder_layers
+    positions = encoder.embed_positions.weight[:max_text_positions].detach().clone()
+    tokens = decoder.embed_tokens.weight.detach().clone()
+    tokens *= positions.pow(2).mean().sqrt() / tokens.pow(2).mean().sqrt()
+    encoder.embed_text_tokens = nn.Embedding.from_pretrained(tokens, freeze=False, padding_idx=encoder.padding_idx)
+    encoder.embed_text_positions = nn.Embedding.from_pretrained(positions, freeze=False)
+    return model

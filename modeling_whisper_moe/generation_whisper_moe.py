@@ -1,0 +1,172 @@
+"""Generation for WhisperMoE: Whisper's own for 30 s audio windows, plus text input and variable-length audio.
+
+[`WhisperMoEGenerationMixin`] sits in front of transformers' `WhisperForConditionalGeneration` in the head's bases:
+audio in 30 s windows goes to Whisper's generate (languages, tasks, timestamps, long-form), text (`input_ids`,
+through the encoder's text front-end) and variable-length audio are encoded once and decoded by transformers'
+generic `GenerationMixin.generate` after a Whisper decoder prompt.
+"""
+
+import copy
+
+import torch
+from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput
+
+# Decoder task token for text output. Whisper's "translate" means "into English"; "transcribe" after a language token
+# means "write in that language", so <|de|><|transcribe|> asks for German whatever the input's language.
+TEXT_TASK = "transcribe"
+
+
+def language_token_id(generation_config: GenerationConfig, language: str) -> int:
+    """The id of `language`'s token: a code ("de"), a name ("german") or the token itself ("<|de|>")."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
+    code = language.strip("<|>").lower()
+    code = TO_LANGUAGE_CODE.get(code, code)
+    if f"<|{code}|>" not in lang_to_id:
+        known = ", ".join(sorted(token.strip("<|>") for token in lang_to_id)) or "none (an English-only checkpoint)"
+        raise ValueError(f"Unknown language {language!r}; this model's languages: {known}.")
+    return lang_to_id[f"<|{code}|>"]
+
+
+def text_decoder_prompt(generation_config: GenerationConfig, language: str) -> list[int]:
+    """Decoder prompt for text output in `language`:
+    <|startoftranscript|><|language|><|transcribe|><|notimestamps|>."""
+    return [
+        generation_config.decoder_start_token_id,
+        language_token_id(generation_config, language),
+        generation_config.task_to_id[TEXT_TASK],
+        generation_config.no_timestamps_token_id,
+    ]
+
+
+class WhisperMoEGenerationMixin:
+    """The generate paths of [`WhisperMoEForConditionalGeneration`]; the host is a WhisperMoE encoder-decoder with
+    Whisper's generation mixin after this one in its bases."""
+
+    def generate(self, input_features: torch.Tensor | None = None, *args, input_ids=None, **kwargs):
+        """Whisper's generate for audio (`input_features`, every Whisper option). For text (`input_ids` (batch,
+        text_len) with `attention_mask`, `config.text_frontend`) see `generate_from_text`."""
+        if input_ids is None and self.config.variable_length_audio:
+            return self.generate_variable_length(input_features, *args, **kwargs)
+        if input_ids is None:
+            return super().generate(input_features, *args, **kwargs)
+        if input_features is not None or args:
+            raise ValueError("generate takes either input_features (audio) or input_ids (text), not both.")
+        return self.generate_from_text(input_ids, **kwargs)
+
+    @torch.no_grad()
+    def generate_from_text(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        language: str | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Text in, text out: the decoder is prompted <|startoftranscript|><|language|><|transcribe|><|notimestamps|>
+        and decodes with transformers' generic `generate` (greedy or beam search; `kwargs` are its options).
+
+        input_ids, attention_mask: (batch, text_len), 1 = real token. language: the output's ("de", "german").
+        Returns (batch, prompt + new tokens) ids, prompt included.
+        """
+        if language is None:
+            raise ValueError("Text generation needs the output's language, e.g. language='de'.")
+        prompt = text_decoder_prompt(generation_config or self.generation_config, language)
+        generation_config, model_kwargs = self._prompted_generation_config(generation_config, len(prompt), **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        decoder_input_ids = torch.tensor([prompt], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return GenerationMixin.generate(
+            self,
+            encoder_outputs=encoder_outputs,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+
+    @torch.no_grad()
+    def generate_variable_length(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        language: str | None = None,
+        task: str | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Transcribe or translate with `config.variable_length_audio`: only real frames are encoded (packed), then
+        the decoder is prompted <|startoftranscript|>[<|language|><|task|>]<|notimestamps|> and decodes greedily or
+        with beam search (`kwargs` are transformers' generate options).
+
+        input_features (batch, num_mel_bins, frames), attention_mask (batch, frames), 1 = real frame. A multilingual
+        model detects each clip's language unless `language` is given. Returns (batch, new tokens) ids.
+        """
+        for option in ("return_timestamps", "return_token_timestamps", "return_segments", "prompt_ids"):
+            if kwargs.pop(option, None):
+                raise ValueError(f"{option} is not available with variable_length_audio (no 30 s windows).")
+        generation_config = generation_config or self.generation_config
+        encoder_outputs = self.get_encoder()(input_features, attention_mask=attention_mask)
+        prompt = self._audio_prompt(encoder_outputs, generation_config, language, task)  # (batch, prompt_len)
+        config, model_kwargs = self._prompted_generation_config(generation_config, prompt.shape[1], **kwargs)
+        sequences = GenerationMixin.generate(
+            self,
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=prompt,
+            generation_config=config,
+            **model_kwargs,
+        )
+        return sequences[:, prompt.shape[1] :]
+
+    def _audio_prompt(
+        self,
+        encoder_outputs: BaseModelOutput,
+        generation_config: GenerationConfig,
+        language: str | None,
+        task: str | None,
+    ) -> torch.LongTensor:
+        """(batch, prompt_len) decoder prompt; the language token per clip, detected when not given."""
+        batch_size = encoder_outputs.last_hidden_state.shape[0]
+        device = encoder_outputs.last_hidden_state.device
+        start = torch.full((batch_size, 1), generation_config.decoder_start_token_id, device=device)
+        no_timestamps = torch.full((batch_size, 1), generation_config.no_timestamps_token_id, device=device)
+        if not getattr(generation_config, "is_multilingual", False):
+            if language not in (None, "en", "english") or task not in (None, "transcribe"):
+                raise ValueError("This English-only model transcribes English; it takes no language or task.")
+            return torch.cat([start, no_timestamps], dim=1)
+        language = language or getattr(generation_config, "language", None)
+        if language is None:
+            languages = self.detect_language(encoder_outputs=encoder_outputs, generation_config=generation_config)
+        else:
+            languages = torch.full((batch_size,), language_token_id(generation_config, language), device=device)
+        task = task or getattr(generation_config, "task", None) or "transcribe"
+        if task not in generation_config.task_to_id:
+            raise ValueError(f"Unknown task {task!r}; choose one of {sorted(generation_config.task_to_id)}.")
+        task_ids = torch.full((batch_size, 1), generation_config.task_to_id[task], device=device)
+        return torch.cat([start, languages[:, None].to(start.dtype), task_ids, no_timestamps], dim=1)
+
+    def _prompted_generation_config(
+        self, generation_config: GenerationConfig | None, prompt_length: int, **kwargs
+    ) -> tuple[GenerationConfig, dict]:
+        """A copy of the generation config set up for text output and updated with `kwargs`; returns it and the
+        kwargs that are no generation option (model inputs)."""
+        config = copy.deepcopy(generation_config or self.generation_config)
+        model_kwargs = config.update(**kwargs)
+        # Whisper's audio-only settings that the generic generate would misapply; timestamps never belong in text
+        config.forced_decoder_ids = None
+        config.begin_suppress_tokens = None
+        timestamps = range(config.no_timestamps_token_id + 1, self.config.vocab_size)
+        config.suppress_tokens = [*(config.suppress_tokens or []), *timestamps]
+        # the decoder has max_target_positions positions, the prompt's included
+        room = self.config.max_target_positions - prompt_length
+        if config.max_new_tokens is not None:
+            config.max_new_tokens, config.max_length = min(config.max_new_tokens, room), None
+        else:
+            config.max_length = min(config.max_length or room, self.config.max_target_positions)
+        return config, model_kwargs
+
+
+__all__ = ["TEXT_TASK", "WhisperMoEGenerationMixin", "language_token_id", "text_decoder_prompt"]
