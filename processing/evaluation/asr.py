@@ -1,18 +1,17 @@
-#!/usr/bin/env python
-"""Accuracy and efficiency of Whisper-style models: WER / CER, speed, latency, parameters and FLOPs.
+"""The `asr` task: WER / CER, speed, latency, parameters and FLOPs of Whisper-style models on a manifest or dataset.
 
 Each `--model` is anything `pipeline("automatic-speech-recognition", model=PATH, trust_remote_code=True)` loads
-(a dense Whisper or a WhisperMoE folder); optionally faster-whisper runs a CTranslate2 checkpoint as a reference.
-Decoding is greedy (one beam, temperature 0, no timestamps). References and hypotheses go through Whisper's English
-text normaliser (`processing.metrics`) before scoring; WER and CER are in percent.
+(a dense Whisper or a WhisperMoE folder); optionally faster-whisper runs a CTranslate2 checkpoint as a reference
+(`--faster_whisper`). Decoding is greedy (one beam, temperature 0, no timestamps). References and hypotheses go
+through Whisper's English text normaliser (`processing.metrics`) before scoring; WER and CER are in percent.
 
 The audio comes from a CSV manifest (columns `path` or `file_name`, and `text`; optional `split` and `speaker`
-columns can be filtered on) or from a `datasets` dataset (`--dataset-name`), decoded with the package's own loader.
+columns can be filtered on) or from a `datasets` dataset (`--dataset_name`), decoded with the package's own loader.
 
 Efficiency, per system:
-  - RTF: decoding wall time over audio duration, batched (`--batch-size`); throughput is its inverse (audio seconds
+  - RTF: decoding wall time over audio duration, batched (`--batch_size`); throughput is its inverse (audio seconds
     transcribed per wall second). A warm-up utterance is decoded first and not timed.
-  - latency: mean and 90th percentile wall time per utterance at batch size 1 over `--latency-samples` utterances.
+  - latency: mean and 90th percentile wall time per utterance at batch size 1 over `--latency_samples` utterances.
   - parameters: total, and active per token (only the top-k routed experts of each sparse layer; dense: all).
   - forward FLOPs (transformers systems), counted with `torch.utils.flop_counter.FlopCounterMode`: one encoder
     pass over a 30 s window of log-mel features (every utterance is padded to such windows), plus one decoder pass
@@ -22,19 +21,18 @@ Efficiency, per system:
     softmax, normalisation, routing sorts and gathers. FLOPs per second of audio = (mean windows per utterance x
     encoder FLOPs + decoder FLOPs) / mean utterance duration, so on short clips the 30 s padding dominates.
 
-    python scripts/evaluate.py --model /tmp/tiny.en --manifest ../shared/data/fsdd/manifest.csv --split test \\
-        --output-json fsdd.json --output-md fsdd.md
+The models run in this interpreter (the FLOP counter needs the modules), not in an isolated one.
+
+    python scripts/evaluate.py --tasks asr --model /tmp/tiny.en --manifest ../shared/data/fsdd/manifest.csv \\
+        --split test --output_json fsdd.json --output_md fsdd.md
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,13 +43,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # `processing` is a top-level folder of the repository, not an installed package
+from modeling_whisper_moe.audio import SAMPLING_RATE, AudioSource, load_audio
+from modeling_whisper_moe.model_card import count_parameters
+from processing.evaluation.common import Evaluator, ModelRef, add_flag, or_default
+from processing.metrics import english_normalizer, error_rates, normalized_pairs
 
-from modeling_whisper_moe.audio import SAMPLING_RATE, AudioSource, load_audio  # noqa: E402
-from modeling_whisper_moe.model_card import count_parameters  # noqa: E402
-from processing.metrics import english_normalizer, error_rates, normalized_pairs  # noqa: E402
-
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO_ROOT.parent / "shared" / "data" / "librispeech" / "test-other" / "manifest.csv"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LATENCY_SAMPLES = 5
@@ -65,14 +62,12 @@ TORCHCODEC_HINT = (
     " (datasets {version} needs torchcodec to build a dataset from audio files, e.g. audiofolder; pass the"
     " folder's metadata.csv as --manifest instead: its file_name column is read as the audio path)"
 )
-REPORT_MODE = 0o644
 MS_PER_S = 1000.0
 GIGA = 1e9
 MEGA = 1e6
 
 Transcriber = Callable[[list[np.ndarray]], list[str]]
 Row = dict[str, Any]
-
 
 @dataclass
 class Utterance:
@@ -155,18 +150,18 @@ def filter_rows(
         splits = _column_values(rows, SPLIT_COLUMN, "--split", source)
         _check_known([split], splits, "--split", source)
         rows = [row for row, value in zip(rows, splits) if value == split]
-    for flag, chosen, keep in (("--speakers", speakers, True), ("--exclude-speakers", exclude, False)):
+    for flag, chosen, keep in (("--speakers", speakers, True), ("--exclude_speakers", exclude, False)):
         if chosen:
             voices = _column_values(rows, SPEAKER_COLUMN, flag, source)
             _check_known(chosen, voices, flag, source)
             rows = [row for row, voice in zip(rows, voices) if (voice in chosen) == keep]
     if not rows:
-        raise SystemExit(f"{source}: no utterances left after --split/--speakers/--exclude-speakers")
+        raise SystemExit(f"{source}: no utterances left after --split/--speakers/--exclude_speakers")
     return rows
 
 
 def open_dataset(args: argparse.Namespace) -> Any:
-    """`--dataset-name` with its audio column left encoded ({"path", "bytes"}): datasets' decoder needs torchcodec."""
+    """`--dataset_name` with its audio column left encoded ({"path", "bytes"}): datasets' decoder needs torchcodec."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
@@ -179,12 +174,12 @@ def open_dataset(args: argparse.Namespace) -> Any:
         while cause.__cause__ is not None:
             cause = cause.__cause__
         hint = TORCHCODEC_HINT.format(version=datasets.__version__) if isinstance(cause, ImportError) else ""
-        raise SystemExit(f"--dataset-name {args.dataset_name}: {type(cause).__name__}: {cause}{hint}") from error
+        raise SystemExit(f"--dataset_name {args.dataset_name}: {type(cause).__name__}: {cause}{hint}") from error
     except ValueError as error:  # unknown split, configuration or data_dir
         raise SystemExit(
-            f"--dataset-name {args.dataset_name} --dataset-split {args.dataset_split}: {error}"
+            f"--dataset_name {args.dataset_name} --dataset_split {args.dataset_split}: {error}"
         ) from error
-    for flag, column in (("--audio-column", args.audio_column), ("--text-column", args.text_column)):
+    for flag, column in (("--audio_column", args.audio_column), ("--text_column", args.text_column)):
         if column not in dataset.column_names:
             raise SystemExit(f"{flag} {column}: not a column of {args.dataset_name} ({dataset.column_names})")
     return dataset.cast_column(args.audio_column, datasets.Audio(decode=False))
@@ -214,11 +209,11 @@ def decode_rows(rows: Sequence[Row], dataset: Any = None, audio_column: str | No
 
 
 def load_utterances(args: argparse.Namespace) -> list[Utterance]:
-    """The utterances of `--manifest` or `--dataset-name`, filtered, then limited to the first `--limit`."""
+    """The utterances of `--manifest` or `--dataset_name`, filtered, then limited to the first `--limit`."""
     filters = (args.split, args.speakers, args.exclude_speakers)
     if args.dataset_name:
         dataset = open_dataset(args)
-        source = f"--dataset-name {args.dataset_name} (split {args.dataset_split})"
+        source = f"--dataset_name {args.dataset_name} (split {args.dataset_split})"
         rows = filter_rows(dataset_rows(dataset, args.audio_column, args.text_column), source, *filters)
         return decode_rows(rows[: args.limit], dataset, args.audio_column)
     rows = filter_rows(read_manifest(args.manifest), str(args.manifest), *filters)
@@ -230,10 +225,10 @@ def load_utterances(args: argparse.Namespace) -> list[Utterance]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def transformers_system(model: str, batch_size: int, language: str | None, device: str) -> System:
+def transformers_system(model: ModelRef, batch_size: int, language: str | None, device: str) -> System:
     from transformers import pipeline
 
-    asr = pipeline("automatic-speech-recognition", model=model, trust_remote_code=True, device=device)
+    asr = pipeline("automatic-speech-recognition", model=model.path, trust_remote_code=True, device=device)
     generate_kwargs: dict[str, Any] = {"num_beams": 1, "do_sample": False}
     if language and getattr(asr.model.generation_config, "is_multilingual", False):
         generate_kwargs.update(language=language, task="transcribe")
@@ -243,7 +238,7 @@ def transformers_system(model: str, batch_size: int, language: str | None, devic
         outputs = asr(inputs, batch_size=batch_size, generate_kwargs=generate_kwargs)
         return [out["text"] for out in outputs]
 
-    return System(f"transformers ({model})", transcribe, asr)
+    return System(f"transformers ({model.name})", transcribe, asr)
 
 
 def faster_whisper_system(ct2_dir: str, language: str | None, device: str) -> System:
@@ -398,14 +393,15 @@ def _or_dash(value: float | None, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def markdown_table(results: Sequence[SystemResult]) -> str:
+def markdown_table(report: dict) -> str:
+    """One row per system of an `asr` report."""
     p90 = f"p{LATENCY_PERCENTILE}_ms"
     lines = [
         f"| system | WER % | CER % | RTF | audio s / s | latency ms (mean / p{LATENCY_PERCENTILE}) "
         "| params M (total / active) | GFLOPs / audio s | utterances | audio s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
+    for r in (SystemResult(**result) for result in report["results"]):
         total = r.parameters["total"] / MEGA if r.parameters else None
         active = r.parameters["active"] / MEGA if r.parameters else None
         flops = r.flops["gflops_per_audio_s"] if r.flops else None
@@ -418,16 +414,9 @@ def markdown_table(results: Sequence[SystemResult]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.chmod(f.name, REPORT_MODE)  # NamedTemporaryFile creates 0600; a report is for everyone to read
-    os.replace(f.name, path)
-
-
-def build_report(args: argparse.Namespace, utts: Sequence[Utterance], spelling: str, results: list) -> dict:
+def build_report(
+    args: argparse.Namespace, utts: Sequence[Utterance], spelling: str, batch_size: int, results: list
+) -> dict:
     if args.dataset_name:
         source = {k: getattr(args, k) for k in ("dataset_name", "dataset_config", "dataset_split", "data_dir")}
     else:
@@ -436,7 +425,7 @@ def build_report(args: argparse.Namespace, utts: Sequence[Utterance], spelling: 
         "source": source,
         "filters": {"split": args.split, "speakers": args.speakers, "exclude_speakers": args.exclude_speakers},
         "limit": args.limit,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "device": args.device,
         "normalizer": {"name": "whisper EnglishTextNormalizer", "spelling_mapping": spelling},
         "units": {"wer": "percent", "cer": "percent", "latency": "ms", "flops": "GFLOPs"},
@@ -447,98 +436,75 @@ def build_report(args: argparse.Namespace, utts: Sequence[Utterance], spelling: 
         "results": [asdict(r) for r in results],
     }
 
-
 # ---------------------------------------------------------------------------------------------------------------
-# CLI
+# the evaluator
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        action="append",
-        help="folder (or Hub id) loadable by the transformers ASR pipeline; repeat to compare several in one run",
-    )
-    parser.add_argument("--faster-whisper", metavar="CT2_DIR", help="also run faster-whisper on this checkpoint")
-    data = parser.add_argument_group("data")
-    data.add_argument("--manifest", type=Path, help=f"CSV with columns path (or file_name),text [{DEFAULT_MANIFEST}]")
-    data.add_argument("--dataset-name", help="instead of --manifest: a `datasets` name or folder (e.g. parquet)")
-    data.add_argument("--dataset-config", help="configuration name for --dataset-name")
-    data.add_argument("--dataset-split", default=DEFAULT_DATASET_SPLIT, help="split of --dataset-name")
-    data.add_argument("--data-dir", help="data_dir for --dataset-name (e.g. with audiofolder or parquet)")
-    data.add_argument("--audio-column", default="audio", help="audio column of --dataset-name")
-    data.add_argument("--text-column", default=TEXT_COLUMN, help="reference text column of --dataset-name")
-    data.add_argument("--split", help=f"keep rows whose '{SPLIT_COLUMN}' column equals this (e.g. FSDD's test)")
-    data.add_argument("--speakers", nargs="+", metavar="SPEAKER", help=f"keep only these '{SPEAKER_COLUMN}' values")
-    data.add_argument("--exclude-speakers", nargs="+", metavar="SPEAKER", help="drop these speakers")
-    data.add_argument("--limit", type=int, default=None, help="only the first N utterances (after filtering)")
-    run = parser.add_argument_group("decoding and measurement")
-    run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    run.add_argument(
-        "--latency-samples", type=int, default=DEFAULT_LATENCY_SAMPLES, help="utterances timed at batch 1"
-    )
-    run.add_argument("--language", default="en", help="language for multilingual models ('' to auto-detect)")
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-json", type=Path, default=None, help="full report, hypotheses included")
-    out.add_argument("--output-md", type=Path, default=None, help="the markdown table")
-    return parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("asr: data")
+    add_flag(data, "--manifest", type=Path, help=f"CSV with columns path (or file_name),text [{DEFAULT_MANIFEST}]")
+    add_flag(data, "--dataset_name", help="instead of --manifest: a `datasets` name or folder (e.g. parquet)")
+    add_flag(data, "--dataset_config", help="configuration name for --dataset_name")
+    add_flag(data, "--dataset_split", default=DEFAULT_DATASET_SPLIT, help="split of --dataset_name")
+    add_flag(data, "--data_dir", help="data_dir for --dataset_name (e.g. with audiofolder or parquet)")
+    add_flag(data, "--audio_column", default="audio", help="audio column of --dataset_name")
+    add_flag(data, "--text_column", default=TEXT_COLUMN, help="reference text column of --dataset_name")
+    add_flag(data, "--split", help=f"keep rows whose '{SPLIT_COLUMN}' column equals this (e.g. FSDD's test)")
+    add_flag(data, "--speakers", nargs="+", metavar="SPEAKER", help=f"keep only these '{SPEAKER_COLUMN}' values")
+    add_flag(data, "--exclude_speakers", nargs="+", metavar="SPEAKER", help="drop these speakers")
+    run = parser.add_argument_group("asr: decoding and measurement")
+    add_flag(run, "--latency_samples", type=int, default=DEFAULT_LATENCY_SAMPLES, help="utterances timed at batch 1")
+    add_flag(run, "--language", default="en", help="language for multilingual models ('' to auto-detect)")
+    add_flag(run, "--device", default="cpu", help="cpu, cuda, cuda:0, ...")
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Fail early, naming the flag, on inputs that cannot work; fills in the default manifest."""
     if args.manifest and args.dataset_name:
-        raise SystemExit("--manifest and --dataset-name are alternatives; pass one")
+        raise SystemExit("--manifest and --dataset_name are alternatives; pass one")
     if not args.dataset_name:
         args.manifest = args.manifest or DEFAULT_MANIFEST
         if not args.manifest.is_file():
             raise SystemExit(f"--manifest {args.manifest}: file not found")
-    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
-        if value is not None and value < 1:
-            raise SystemExit(f"{flag} must be a positive integer, got {value}")
     if args.latency_samples < 0:
-        raise SystemExit(f"--latency-samples must be 0 or more, got {args.latency_samples}")
+        raise SystemExit(f"--latency_samples must be 0 or more, got {args.latency_samples}")
     for model in args.model:
-        folder = Path(model).expanduser()
+        folder = Path(model.path).expanduser()
         if folder.exists() and not (folder / "config.json").is_file():
-            raise SystemExit(f"--model {model}: no config.json in this folder; is it a transformers model folder?")
-        if not folder.exists() and model.startswith((".", "/", "~")):
-            raise SystemExit(f"--model {model}: folder not found")
+            raise SystemExit(f"--model {model.path}: no config.json in this folder; is it a transformers model?")
+        if not folder.exists() and model.path.startswith((".", "/", "~")):
+            raise SystemExit(f"--model {model.path}: folder not found")
     if args.faster_whisper and not (Path(args.faster_whisper) / "model.bin").is_file():
-        raise SystemExit(f"--faster-whisper {args.faster_whisper}: no model.bin; expected a CTranslate2 folder")
+        raise SystemExit(f"--faster_whisper {args.faster_whisper}: no model.bin; expected a CTranslate2 folder")
 
 
-def build_systems(args: argparse.Namespace) -> Iterator[System]:
+def build_systems(models: Sequence[ModelRef], args: argparse.Namespace, batch_size: int) -> Iterator[System]:
     """The systems to compare, loaded one at a time."""
     language = args.language or None
-    for model in args.model:
-        yield transformers_system(model, args.batch_size, language, args.device)
+    for model in models:
+        yield transformers_system(model, batch_size, language, args.device)
     if args.faster_whisper:
         yield faster_whisper_system(args.faster_whisper, language, args.device)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    check_args(args)
+def evaluate(models: Sequence[ModelRef], args: argparse.Namespace) -> dict:
+    """Every model (and faster-whisper) on the same utterances: the report `build_report` describes."""
+    batch_size = or_default(args.batch_size, DEFAULT_BATCH_SIZE)
     utts = load_utterances(args)
-    model_dir = Path(args.model[0]) if Path(args.model[0]).is_dir() else None
+    model_dir = Path(models[0].path) if Path(models[0].path).is_dir() else None
     normalize = english_normalizer(model_dir)
-    results = [
-        run_system(system, utts, normalize, args.batch_size, args.latency_samples) for system in build_systems(args)
-    ]
-    table = markdown_table(results)
-    print(table)
-    if args.output_md:
-        write_atomic(args.output_md, table + "\n")
-    if args.output_json:
-        report = build_report(args, utts, normalize.spelling_mapping_source, results)
-        write_atomic(args.output_json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return 0
+    systems = build_systems(models, args, batch_size)
+    results = [run_system(system, utts, normalize, batch_size, args.latency_samples) for system in systems]
+    return build_report(args, utts, normalize.spelling_mapping_source, batch_size, results)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+EVALUATOR = Evaluator(
+    name="asr",
+    trained_task="asr",
+    description="WER / CER (Whisper's English normaliser), RTF, latency, parameters, FLOPs on --manifest",
+    add_arguments=add_arguments,
+    check=check_args,
+    evaluate=evaluate,
+    markdown=markdown_table,
+)
