@@ -15,7 +15,6 @@ import io
 import math
 import numbers
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-SAMPLING_RATE = 16_000  # Hz, what Whisper's feature extractor expects
+from .features import SAMPLING_RATE
+from .hub import atomic_write
 
 # Resampling filter: a Kaiser-windowed sinc low-pass. With these values the pass band is flat to ~0.84x the lower
 # Nyquist frequency (6.7 kHz when going to 16 kHz), -6 dB at 0.92x, and the stop band (~90 dB down) starts at the
@@ -112,15 +112,8 @@ def save_audio(
     samples = _to_frames_by_channels(waveform, str(path))
     file_format, subtype = SAVE_FORMATS[path.suffix.lower()]
     soundfile = _import_optional("soundfile", "soundfile")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name rather than mkstemp, whose 0600 mode would survive the rename; the file gets the umask's mode
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_write(path) as temporary:
         soundfile.write(temporary, samples, sampling_rate, format=file_format, subtype=subtype)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 

@@ -1,7 +1,7 @@
 """What a Hub folder of WhisperMoE holds beyond weights: the code, the auto_map, the custom pipelines, a model card.
 
-Folders are written to a temporary sibling first and moved into place file by file, so an interrupted save never
-leaves a half-written weight file behind.
+Folders are written to a temporary sibling first and moved into place file by file, and single files to a temporary
+sibling renamed into place, so an interrupted save never leaves a half-written file behind.
 """
 
 import contextlib
@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +88,32 @@ def copy_hub_code(folder: str | os.PathLike) -> list[Path]:
     return copied
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target` to write one file to; on success it replaces `target` in one rename.
+
+    The temporary name keeps `target`'s suffix (writers that pick a format by suffix pick the same one). The file
+    ends with the permissions a plain `open()` gives (0o666 less the umask), not mkstemp's private 0600. On error it
+    is deleted and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp{target.suffix}")
+    try:
+        yield temporary
+        temporary.chmod(0o666 & ~_umask())
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; on success move its files into `target`.
@@ -98,9 +125,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     # mkdtemp makes a private (0700) folder; a saved folder gets the usual permissions, as mkdir would give it
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    staging.chmod(0o777 & ~_umask())
     try:
         yield staging
         if not target.exists():

@@ -10,17 +10,17 @@ predicts Whisper log-mel frames, and a vocoder makes audio: Griffin-Lim by defau
 
 import os
 import re
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import Pipeline
 
-from .vocoder import SAMPLING_RATE, MelVocoder, mel_to_waveform
+from .audio import save_audio
+from .features import SAMPLING_RATE
+from .vocoder import MelVocoder, mel_to_waveform
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+write_audio = save_audio  # the older name; `audio.save_audio` writes .wav / .flac atomically
 
 
 def normalize_tts_text(text: str) -> str:
@@ -29,28 +29,6 @@ def normalize_tts_text(text: str) -> str:
         raise ValueError(f"text to speak must be a non-empty string, got {text!r}.")
     text = re.sub(r"\d", lambda digit: f" {DIGIT_WORDS[int(digit.group())]} ", text)
     return " ".join(text.lower().split())
-
-
-def write_audio(path: str | os.PathLike, audio: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> Path:
-    """Write mono float audio to a .wav or .flac file (16-bit PCM), through a temporary file renamed into place."""
-    import soundfile
-
-    path = Path(path)
-    audio_format = AUDIO_FORMATS.get(path.suffix.lower())
-    if audio_format is None:
-        raise ValueError(f"can write {sorted(AUDIO_FORMATS)} files, got {path.name!r}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        soundfile.write(
-            temporary, np.asarray(audio, dtype=np.float32), sampling_rate, format=audio_format, subtype="PCM_16"
-        )
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
 
 
 class WhisperMoETextToAudioPipeline(Pipeline):
@@ -98,5 +76,5 @@ class WhisperMoETextToAudioPipeline(Pipeline):
     def postprocess(self, model_outputs: dict, output_path: str | os.PathLike | None = None) -> dict:
         audio = model_outputs["waveform"].cpu().numpy().astype(np.float32)
         if output_path is not None:
-            write_audio(output_path, audio, self.sampling_rate)
+            save_audio(output_path, audio, self.sampling_rate)
         return {"audio": audio, "sampling_rate": self.sampling_rate}

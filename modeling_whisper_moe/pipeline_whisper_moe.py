@@ -12,7 +12,7 @@ import numpy as np
 from transformers import AutomaticSpeechRecognitionPipeline
 
 from .audio import load_audio
-from .processing_whisper_moe import log_mel_30s
+from .features import log_mel_30s
 
 
 class WhisperMoEASRPipeline(AutomaticSpeechRecognitionPipeline):

@@ -1,80 +1,36 @@
-"""Whisper's log-mel spectrogram in torch, and a Griffin-Lim vocoder that turns it back into a waveform.
+"""A Griffin-Lim vocoder that turns Whisper log-mel frames back into a waveform.
 
-The text-to-speech model predicts the same log-mel frames Whisper's feature extractor computes (80 Slaney mel bins
-up to 8 kHz from a 400-point STFT with a 10 ms hop at 16 kHz, log10, clipped 80 dB below the loudest bin, scaled by
-(x + 4) / 4), so one definition serves training targets, the vocoder and Whisper-based checks of the output.
+The text-to-speech model predicts the log-mel frames Whisper's feature extractor computes ([`features.py`](features.py)
+has the one definition), so training targets, the vocoder and Whisper-based checks of the output agree.
 
 Griffin-Lim needs no weights, so speech comes out offline. Any other vocoder (a `SpeechT5HifiGan`, or any callable
 mapping (batch, frames, num_mel_bins) to (batch, samples)) can be passed to [`mel_to_waveform`] instead.
 """
 
-import functools
 from collections.abc import Callable
 
 import torch
 
-SAMPLING_RATE = 16_000  # Hz, Whisper's input rate
-N_FFT = 400  # samples in a 25 ms STFT window
-HOP_LENGTH = 160  # samples in the 10 ms hop: 100 frames per second
-MAX_FREQUENCY = 8_000.0  # Hz, top of the mel filterbank (Nyquist at 16 kHz)
-LOG_FLOOR = 1e-10  # power floor before log10
-DYNAMIC_RANGE = 8.0  # log10 units (80 dB) kept below each utterance's loudest bin
-LOG_OFFSET = 4.0  # Whisper scales log10 power as (x + LOG_OFFSET) / LOG_SCALE
-LOG_SCALE = 4.0
+# the log-mel itself lives in features.py; its names stay importable from here for the TTS code that uses them
+from .features import (
+    DYNAMIC_RANGE,
+    HOP_LENGTH,
+    LOG_FLOOR,
+    LOG_OFFSET,
+    LOG_SCALE,
+    N_FFT,
+    SAMPLING_RATE,
+    log_mel_spectrogram,
+    mel_filters,
+    stft,
+)
+
 NNLS_ITERATIONS = 30  # multiplicative updates refining the mel -> linear-power inversion
 GRIFFIN_LIM_ITERATIONS = 48
 GRIFFIN_LIM_MOMENTUM = 0.99  # "fast Griffin-Lim" (Perraudin et al., 2013): converges in far fewer iterations
 EPSILON = 1e-8
 
 MelVocoder = Callable[[torch.Tensor], torch.Tensor]
-
-
-def mel_filters(num_mel_bins: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Whisper's Slaney mel filterbank, (num_mel_bins, N_FFT // 2 + 1)."""
-    return _mel_filters_cpu(num_mel_bins).to(device)
-
-
-@functools.lru_cache(maxsize=4)
-def _mel_filters_cpu(num_mel_bins: int) -> torch.Tensor:
-    from transformers.audio_utils import mel_filter_bank
-
-    filters = mel_filter_bank(
-        num_frequency_bins=N_FFT // 2 + 1,
-        num_mel_filters=num_mel_bins,
-        min_frequency=0.0,
-        max_frequency=MAX_FREQUENCY,
-        sampling_rate=SAMPLING_RATE,
-        norm="slaney",
-        mel_scale="slaney",
-    )
-    return torch.as_tensor(filters.T, dtype=torch.float32)
-
-
-def _stft(waveform: torch.Tensor) -> torch.Tensor:
-    """(batch, samples) -> complex (batch, N_FFT // 2 + 1, samples // HOP_LENGTH + 1), centred like Whisper."""
-    window = torch.hann_window(N_FFT, device=waveform.device)
-    return torch.stft(waveform, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True)
-
-
-def log_mel_spectrogram(waveform: torch.Tensor, num_mel_bins: int = 80) -> torch.Tensor:
-    """Whisper's log-mel features of 16 kHz audio, without padding to 30 s.
-
-    waveform: (samples,) or (batch, samples) float -> (frames, num_mel_bins) or (batch, frames, num_mel_bins), with
-    frames = samples // HOP_LENGTH (Whisper drops the last STFT frame). Each utterance is clipped to 80 dB below its
-    own loudest bin, as the feature extractor does.
-    """
-    if waveform.dim() not in (1, 2):
-        raise ValueError(f"waveform must be (samples,) or (batch, samples), got shape {tuple(waveform.shape)}.")
-    if waveform.shape[-1] < N_FFT:
-        raise ValueError(f"waveform has {waveform.shape[-1]} samples; at least {N_FFT} (one STFT window) are needed.")
-    batched = waveform.dim() == 2
-    waveform = waveform.float() if batched else waveform.float()[None]
-    power = _stft(waveform)[..., :-1].abs() ** 2  # (batch, freq, frames)
-    mel = mel_filters(num_mel_bins, waveform.device) @ power  # (batch, mel, frames)
-    log_spec = mel.clamp(min=LOG_FLOOR).log10()
-    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - DYNAMIC_RANGE)
-    features = ((log_spec + LOG_OFFSET) / LOG_SCALE).transpose(1, 2)  # (batch, frames, mel)
-    return features if batched else features[0]
 
 
 def mel_to_linear_power(log_mel: torch.Tensor) -> torch.Tensor:
@@ -110,7 +66,7 @@ def griffin_lim(magnitude: torch.Tensor, iterations: int = GRIFFIN_LIM_ITERATION
     previous = torch.zeros_like(angles)
     for _ in range(iterations):
         waveform = torch.istft(magnitude * angles, N_FFT, HOP_LENGTH, window=window, center=True, length=length)
-        rebuilt = _stft(waveform)
+        rebuilt = stft(waveform)
         angles = rebuilt - previous * (GRIFFIN_LIM_MOMENTUM / (1 + GRIFFIN_LIM_MOMENTUM))
         angles = angles / angles.abs().clamp(min=EPSILON)
         previous = rebuilt
@@ -163,4 +119,14 @@ def mel_to_waveform(log_mel: torch.Tensor, vocoder: MelVocoder | None = None) ->
     return waveform if batched else waveform[0]
 
 
-__all__ = ["GriffinLimVocoder", "SAMPLING_RATE", "log_mel_spectrogram", "mel_to_waveform"]
+__all__ = [
+    "GriffinLimVocoder",
+    "mel_to_waveform",
+    # re-exported from features.py for older imports; import them from there
+    "DYNAMIC_RANGE",
+    "HOP_LENGTH",
+    "LOG_SCALE",
+    "N_FFT",
+    "SAMPLING_RATE",
+    "log_mel_spectrogram",
+]

@@ -202,3 +202,31 @@ def test_a_new_folder_gets_the_usual_permissions_not_the_staging_ones(tmp_path):
         os.umask(umask)
     assert (tmp_path / "new").stat().st_mode & 0o777 == 0o755
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".new.")]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_gives_the_umask_permissions_and_cleans_up_on_error(tmp_path, umask):
+    import os
+
+    import numpy as np
+
+    from modeling_whisper_moe.hub import atomic_write
+    from modeling_whisper_moe.pipeline_text_to_audio import write_audio
+
+    previous = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "sub" / "report.json") as temporary:
+            assert temporary.parent == tmp_path / "sub" and temporary.suffix == ".json"
+            temporary.write_text("{}")
+        # the text-to-speech pipeline's writer once left files 0600 (mkstemp's mode)
+        speech = write_audio(tmp_path / "speech.wav", np.zeros(160, dtype=np.float32))
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "sub" / "report.json", speech):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_write(tmp_path / "sub" / "report.json") as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("disk full")
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["report.json"]
+    assert (tmp_path / "sub" / "report.json").read_text() == "{}"
