@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modeling_whisper_moe.audio import SAMPLING_RATE, AudioSource, load_audio
+from modeling_whisper_moe.audio import AudioSource, load_audio
+from modeling_whisper_moe.features import SAMPLING_RATE
 from modeling_whisper_moe.model_card import count_parameters
 from processing.evaluation.common import Evaluator, ModelRef, add_flag, or_default
 from processing.metrics import english_normalizer, error_rates, normalized_pairs
@@ -68,6 +69,7 @@ MEGA = 1e6
 
 Transcriber = Callable[[list[np.ndarray]], list[str]]
 Row = dict[str, Any]
+
 
 @dataclass
 class Utterance:
@@ -435,6 +437,7 @@ def build_report(
         "references": [u.text for u in utts],
         "results": [asdict(r) for r in results],
     }
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the evaluator

@@ -22,8 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from modeling_whisper_moe.pipeline_text_to_audio import write_audio
-from modeling_whisper_moe.vocoder import SAMPLING_RATE
+from modeling_whisper_moe.audio import save_audio
+from modeling_whisper_moe.features import SAMPLING_RATE
 from processing.evaluation.common import Evaluator, ModelRef, add_flag, markdown_table, or_default
 from processing.isolation import run_self_contained
 from processing.metrics import digit_wer, to_digits
@@ -83,7 +83,7 @@ def digit_test_sets(num_sequences: int, voice: str, workdir: Path) -> TestSets:
     paths = []
     for index, digits in enumerate(sequences):
         audio = espeak(digits_to_words(digits), voice, UNSEEN_SPEED, UNSEEN_PITCH)
-        paths.append(str(write_audio(workdir / f"unseen-{index:03d}.wav", audio, SAMPLING_RATE)))
+        paths.append(str(save_audio(workdir / f"unseen-{index:03d}.wav", audio, SAMPLING_RATE)))
     return {f"fsdd_{FSDD_SPLIT}": fsdd, f"unseen_voice_{voice}": (paths, [" ".join(digits) for digits in sequences])}
 
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling_whisper_moe.audio import SAMPLING_RATE, load_audio, save_audio
+from modeling_whisper_moe.audio import load_audio, save_audio
+from modeling_whisper_moe.features import N_SAMPLES, SAMPLING_RATE
 from processing.evaluation.common import Evaluator, ModelRef, add_flag
 from processing.isolation import run_self_contained
 from processing.metrics import bleu_chrf
@@ -61,7 +62,6 @@ MIN_WORDS, MAX_WORDS = 4, 20
 ESPEAK = "espeak-ng"
 # A 20-word sentence is under 60 tokens; the cap stops a looping hallucination (both systems get the same cap).
 MAX_NEW_TOKENS = 128
-WINDOW_SAMPLES = 30 * SAMPLING_RATE  # Whisper's 30 s input window
 FASTER_WHISPER_RUNS = {"faster-whisper": False, "faster-whisper-padded-audio": True}  # name: audio padded to 30 s
 
 MOE_SCRIPT = """
@@ -177,7 +177,7 @@ def run_faster_whisper(ct2_dir: str, clips: list[Clip], tasks: Sequence[str], pa
         for clip in clips:
             audio = load_audio(clip.path, SAMPLING_RATE)
             if pad_to_window:
-                audio = np.pad(audio, (0, max(0, WINDOW_SAMPLES - len(audio))))
+                audio = np.pad(audio, (0, max(0, N_SAMPLES - len(audio))))
             segments, info = model.transcribe(audio, task=task, **options)
             rows.append({"text": "".join(segment.text for segment in segments), "language": info.language})
         outputs[task] = rows

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling_whisper_moe.pipeline_text_to_audio import write_audio
-from modeling_whisper_moe.vocoder import SAMPLING_RATE, log_mel_spectrogram, mel_to_waveform
+from modeling_whisper_moe.audio import save_audio
+from modeling_whisper_moe.features import SAMPLING_RATE, log_mel_spectrogram
+from modeling_whisper_moe.vocoder import mel_to_waveform
 from processing.evaluation.common import Evaluator, ModelRef, add_flag, markdown_table, or_default
 from processing.isolation import run_self_contained
 from processing.metrics import digit_wer, to_digits
@@ -127,8 +128,8 @@ def synthesise_ceilings(texts: list[str], out_dir: Path) -> tuple[list[Path], li
     for index, text in enumerate(texts):
         audio = espeak(text, CEILING_VOICE, CEILING_SPEED, CEILING_PITCH)
         resynthesised = mel_to_waveform(log_mel_spectrogram(torch.from_numpy(audio))).numpy()
-        direct.append(write_audio(out_dir / f"espeak-{index:03d}.wav", audio, SAMPLING_RATE))
-        vocoded.append(write_audio(out_dir / f"vocoded-{index:03d}.wav", resynthesised, SAMPLING_RATE))
+        direct.append(save_audio(out_dir / f"espeak-{index:03d}.wav", audio, SAMPLING_RATE))
+        vocoded.append(save_audio(out_dir / f"vocoded-{index:03d}.wav", resynthesised, SAMPLING_RATE))
     return direct, vocoded
 
 
