@@ -1,16 +1,19 @@
-"""Word and character error rates after Whisper's English text normalisation.
+"""Scores of every evaluation: WER / CER after Whisper's English text normalisation, digit error rates, BLEU / chrF.
 
-Shared by `scripts/evaluate.py` and the training script's `Seq2SeqTrainer(compute_metrics=...)`, so that a WER
-logged during training and one measured afterwards mean the same thing. All rates are in percent.
+Shared by `processing.evaluation` (scripts/evaluate.py) and the training script's
+`Seq2SeqTrainer(compute_metrics=...)`, so that a WER logged during training and one measured afterwards mean the
+same thing. WER and CER are in percent; the digit error rate is a fraction.
 
     normalize = english_normalizer()
     error_rates(["Mr. Smith paid $25."], ["mister smith paid twenty five dollars"], normalize)  # wer 0.0
+    digit_wer([to_digits("3141")], [to_digits("three, one four one")])  # 0.0
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,20 +23,29 @@ import numpy as np
 from transformers import EvalPrediction
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
+from processing.tts_data import digits_to_words
+
 IGNORE_INDEX = -100  # label (and padded prediction) id the Trainer and loss ignore
 PERCENT = 100.0
 NO_SPELLING_MAPPING = "none"
+DIGIT_PATTERN = re.compile(r"\d|\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b")
+WORD_DIGITS = {"oh": "0", **{w: str(i) for i, w in enumerate(digits_to_words("0123456789").split())}}
+EMPTY_TRANSCRIPT = "<empty>"  # jiwer refuses an empty hypothesis; this one matches no digit
+BLEU_CHRF_DECIMALS = 2
 
 Normalizer = Callable[[str], str]
 
 __all__ = [
     "NO_SPELLING_MAPPING",
     "WhisperEnglishNormalizer",
+    "bleu_chrf",
+    "digit_wer",
     "english_normalizer",
     "english_spelling_mapping",
     "error_rates",
     "make_compute_metrics",
     "normalized_pairs",
+    "to_digits",
 ]
 
 
@@ -98,6 +110,32 @@ def error_rates(
     """
     refs, hyps = normalized_pairs(references, hypotheses, normalize)
     return {"wer": PERCENT * jiwer.wer(refs, hyps), "cer": PERCENT * jiwer.cer(refs, hyps)}
+
+
+def to_digits(text: str) -> str:
+    """'Three, 1 4... one!' -> '3 1 4 1': every digit and digit word, in order, as space-separated digits."""
+    found = DIGIT_PATTERN.findall(text.lower())
+    return " ".join(WORD_DIGITS.get(token, token) for token in found)
+
+
+def digit_wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Word error rate over digit strings (a fraction); an empty transcript counts every reference digit deleted."""
+    output = jiwer.process_words(list(references), [h if h else EMPTY_TRANSCRIPT for h in hypotheses])
+    errors = output.substitutions + output.deletions + output.insertions
+    return errors / sum(len(reference.split()) for reference in references)
+
+
+def bleu_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float | str]:
+    """Corpus BLEU and chrF (sacrebleu's defaults, one reference each), rounded, with their sacrebleu signatures."""
+    import sacrebleu
+
+    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
+    return {
+        "bleu": round(bleu.corpus_score(list(hypotheses), [list(references)]).score, BLEU_CHRF_DECIMALS),
+        "chrf": round(chrf.corpus_score(list(hypotheses), [list(references)]).score, BLEU_CHRF_DECIMALS),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
 
 
 def _restore_padding(ids: Any, pad_token_id: int) -> np.ndarray:

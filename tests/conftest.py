@@ -10,8 +10,8 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, load_audio
 from modeling_whisper_moe.vocoder import SAMPLING_RATE
+from processing.isolation import run_isolated
 from processing.tts_data import DigitClipBank, Style
-from scripts.isolation import run_isolated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("WHISPER_MOE_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -1,4 +1,4 @@
-"""processing.metrics on known strings and real token ids, and scripts/evaluate.py on real FSDD clips."""
+"""processing.metrics on known strings and real token ids, and scripts/evaluate.py --tasks asr on real FSDD clips."""
 
 import importlib.util
 import json
@@ -13,6 +13,7 @@ import pytest
 from conftest import DATA_DIR, REPO_ROOT
 from transformers import EvalPrediction
 
+from processing.evaluation import asr
 from processing.metrics import IGNORE_INDEX, english_normalizer, error_rates, make_compute_metrics
 
 FSDD_MANIFEST = DATA_DIR / "fsdd" / "manifest.csv"
@@ -85,32 +86,32 @@ def test_compute_metrics_decodes_ids_padded_with_minus_100(tiny_en_dense: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# evaluate.py: data sources and errors
+# evaluate.py --tasks asr: data sources and errors
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def test_manifest_filters_by_split_and_speaker():
-    rows = evaluate.read_manifest(FSDD_MANIFEST)
+    rows = asr.read_manifest(FSDD_MANIFEST)
     source = str(FSDD_MANIFEST)
-    test_rows = evaluate.filter_rows(rows, source, "test", None, None)
+    test_rows = asr.filter_rows(rows, source, "test", None, None)
     speakers = {row["speaker"] for row in test_rows}
     assert {row["split"] for row in test_rows} == {"test"}
     assert len(test_rows) == FSDD_TEST_CLIPS_PER_SPEAKER * len(speakers)
-    jackson = evaluate.filter_rows(rows, source, "test", ["jackson"], None)
+    jackson = asr.filter_rows(rows, source, "test", ["jackson"], None)
     assert len(jackson) == FSDD_TEST_CLIPS_PER_SPEAKER and {row["speaker"] for row in jackson} == {"jackson"}
-    others = evaluate.filter_rows(rows, source, "test", None, ["jackson", "george"])
+    others = asr.filter_rows(rows, source, "test", None, ["jackson", "george"])
     assert len(others) == FSDD_TEST_CLIPS_PER_SPEAKER * (len(speakers) - 2)
     with pytest.raises(SystemExit, match="--split: validation not in .*available: test, train"):
-        evaluate.filter_rows(rows, source, "validation", None, None)
+        asr.filter_rows(rows, source, "validation", None, None)
     with pytest.raises(SystemExit, match="--speakers: nobody not in"):
-        evaluate.filter_rows(rows, source, None, ["nobody"], None)
+        asr.filter_rows(rows, source, None, ["nobody"], None)
 
 
 def test_bad_inputs_fail_naming_the_flag_and_file(tmp_path: Path):
     with pytest.raises(SystemExit, match=f"--manifest {tmp_path / 'missing.csv'}: file not found"):
-        evaluate.main(["--model", str(tmp_path), "--manifest", str(tmp_path / "missing.csv")])
+        evaluate.main(["--tasks", "asr", "--model", str(tmp_path), "--manifest", str(tmp_path / "missing.csv")])
     with pytest.raises(SystemExit, match=f"--model {tmp_path}: no config.json"):
-        evaluate.main(["--model", str(tmp_path), "--manifest", str(FSDD_MANIFEST)])
+        evaluate.main(["--tasks", "asr", "--model", str(tmp_path), "--manifest", str(FSDD_MANIFEST)])
 
 
 def test_dataset_source_reads_encoded_audio_columns(tmp_path: Path):
@@ -134,35 +135,36 @@ def test_dataset_source_reads_encoded_audio_columns(tmp_path: Path):
         [
             "--model",
             "unused",
-            "--dataset-name",
+            "--dataset_name",
             "parquet",
-            "--data-dir",
+            "--data_dir",
             str(tmp_path),
-            "--text-column",
+            "--text_column",
             "transcription",
         ]
-        + ["--exclude-speakers", "george"]
+        + ["--exclude_speakers", "george"]
     )
-    utts = evaluate.load_utterances(args)
+    utts = asr.load_utterances(args)
     assert [(u.id, u.text) for u in utts] == [("1_jackson_0.wav", "one"), ("2_lucas_0.wav", "two")]
     assert all(u.audio.dtype == np.float32 and 0 < u.duration < 2 for u in utts)
     args.dataset_split = "validation"
-    with pytest.raises(SystemExit, match="--dataset-split validation"):
-        evaluate.load_utterances(args)
+    with pytest.raises(SystemExit, match="--dataset_split validation"):
+        asr.load_utterances(args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# evaluate.py end to end
+# evaluate.py --tasks asr end to end
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def test_evaluate_end_to_end_on_fsdd(tiny_en_dense: Path, tmp_path: Path, capsys):
     report_json, report_md = tmp_path / "out" / "fsdd.json", tmp_path / "out" / "fsdd.md"
-    argv = ["--model", str(tiny_en_dense), "--manifest", str(FSDD_MANIFEST), "--split", "test", "--limit", "5"]
-    argv += ["--latency-samples", "2", "--output-json", str(report_json), "--output-md", str(report_md)]
+    argv = ["--tasks", "asr", "--model", str(tiny_en_dense), "--manifest", str(FSDD_MANIFEST), "--split", "test"]
+    argv += ["--limit", "5", "--latency_samples", "2"]
+    argv += ["--output_json", str(report_json), "--output_md", str(report_md)]
     assert evaluate.main(argv) == 0
 
-    report = json.loads(report_json.read_text(encoding="utf-8"))
+    report = json.loads(report_json.read_text(encoding="utf-8"))["reports"]["asr"]
     assert report["utterances"] == 5 and len(report["references"]) == 5
     assert report["filters"]["split"] == "test" and report["normalizer"]["spelling_mapping"]
     (result,) = report["results"]

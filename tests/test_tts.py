@@ -14,6 +14,7 @@ from modeling_whisper_moe import WhisperMoEConfig, load_audio
 from modeling_whisper_moe.modeling_whisper_moe_tts import MAX_FRAMES_PER_TOKEN, WhisperMoEForTextToSpeech
 from modeling_whisper_moe.pipeline_text_to_audio import normalize_tts_text, write_audio
 from modeling_whisper_moe.vocoder import HOP_LENGTH, SAMPLING_RATE, log_mel_spectrogram, mel_to_waveform
+from processing.metrics import digit_wer, to_digits
 from processing.tts_data import (
     AlignedRecordingsDataset,
     SpokenDigitsDataset,
@@ -24,7 +25,6 @@ from processing.tts_data import (
     is_held_out,
     training_sequence,
 )
-from scripts.evaluate_tts import digit_wer, to_digits
 
 REDUCTION = 2
 TTS_TINY = dict(TINY, num_mel_bins=8, num_experts=4, num_experts_per_tok=2, text_frontend=True, max_text_positions=32)

@@ -3,7 +3,8 @@
 The package is installed (editable), so leaving it off `sys.path` is not enough: an import hook refuses
 `modeling_whisper_moe` and `processing`. The script fills a dict named `result`; it comes back as JSON together with
 the names of any package modules that leaked into `sys.modules` (`result["leaked"]`, empty when the folder is
-self-contained). Used by the tests (`conftest.run_without_package`) and by scripts that measure saved folders.
+self-contained). Used by the tests (`conftest.run_without_package`) and by the evaluators that measure saved folders
+(`processing.evaluation`, through `run_self_contained`).
 """
 
 import json
@@ -77,3 +78,17 @@ def run_isolated(
     if line is None:
         raise RuntimeError(f"isolated script printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return json.loads(line[len(RESULT_MARKER) :])
+
+
+def run_self_contained(
+    script: str, folder: str | os.PathLike, *args: object, cwd: str | os.PathLike, timeout: float | None
+) -> dict:
+    """`run_isolated(script, folder, *args)` for code that loads the saved `folder`; the result without `leaked`.
+
+    Raises `RuntimeError` naming the folder when its code imported this package instead of its own files.
+    """
+    result = run_isolated(script, folder, *args, cwd=cwd, timeout=timeout)
+    leaked = result.pop("leaked")
+    if leaked:
+        raise RuntimeError(f"{folder} imported this package instead of its own code: {leaked}")
+    return result

@@ -1,40 +1,43 @@
-#!/usr/bin/env python
-"""Intelligibility of a WhisperMoE text-to-speech folder: Whisper base transcribes its speech of held-out digits.
+"""The `tts` task: intelligibility of WhisperMoE text-to-speech folders, as Whisper base hears held-out digits.
 
-    python scripts/evaluate_tts.py --model outputs/tts-digits [--num_sequences 50] [--output results/tts-digits.json]
-
-1. Synthesis runs from the saved folder alone: a fresh interpreter that cannot import this package calls
+1. Synthesis runs from each saved folder alone: a fresh interpreter that cannot import this package calls
    `pipeline("text-to-audio", model=FOLDER, trust_remote_code=True)` on held-out 4-digit sequences (never in
    training, not even inside longer sequences) and writes .wav files.
 2. Whisper base (converted from the bundled checkpoint, run through transformers) transcribes them; both the
    reference and the transcript are reduced to digit strings ("3, 1, 4, 1" and "three one four one" both give
-   "3 1 4 1") and scored by word error rate over digits (jiwer).
-3. Ceilings on the same sequences: espeak-ng's own speech of them, and that speech passed through log-mel and the
-   Griffin-Lim vocoder (what a perfect mel prediction would score).
+   "3 1 4 1") and scored by word error rate over digits (`processing.metrics.digit_wer`).
+3. Ceilings on the same sequences (unless `--no_ceilings`): espeak-ng's own speech of them, and that speech passed
+   through log-mel and the Griffin-Lim vocoder (what a perfect mel prediction would score).
+
+    python scripts/evaluate.py --tasks tts --model outputs/tts-digits [--num_sequences 50] \\
+        --output_json results/tts-digits.json
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import re
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from modeling_whisper_moe.pipeline_text_to_audio import write_audio  # noqa: E402
-from modeling_whisper_moe.vocoder import SAMPLING_RATE, log_mel_spectrogram, mel_to_waveform  # noqa: E402
-from processing.tts_data import digits_to_words, espeak, held_out_sequences, is_held_out  # noqa: E402
-from scripts.isolation import run_isolated  # noqa: E402
+from modeling_whisper_moe.audio import save_audio
+from modeling_whisper_moe.features import SAMPLING_RATE, log_mel_spectrogram
+from modeling_whisper_moe.vocoder import mel_to_waveform
+from processing.evaluation.common import Evaluator, ModelRef, add_flag, markdown_table, or_default
+from processing.isolation import run_self_contained
+from processing.metrics import digit_wer, to_digits
+from processing.tts_data import digits_to_words, espeak, held_out_sequences, is_held_out
 
 CACHE_DIR = Path.home() / ".cache" / "whisper-moe"
+DEFAULT_NUM_SEQUENCES = 50
+SYNTHESIS_TIMEOUT_S = 900
 MAX_TRANSCRIPT_TOKENS = 40  # a 4-digit answer needs under 20; the cap stops hallucination loops on bad audio
+TRANSCRIBE_BATCH_SIZE = 8
 # Whisper's own decoding recipe (openai-whisper's transcribe defaults, with transformers' token-level compression
 # threshold): a greedy transcript that repeats itself or is improbable is redone at rising temperatures. Every
 # system, the espeak-ng ceilings included, is transcribed the same way.
@@ -42,8 +45,8 @@ FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 COMPRESSION_RATIO_THRESHOLD = 1.35
 LOGPROB_THRESHOLD = -1.0
 CEILING_VOICE, CEILING_SPEED, CEILING_PITCH = "en-us", 170, 50  # espeak-ng's defaults, a voice the model trained on
-DIGIT_PATTERN = re.compile(r"\d|\b(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b")
-WORD_DIGITS = {"oh": "0", **{w: str(i) for i, w in enumerate(digits_to_words("0123456789").split())}}
+CEILINGS = ("espeak", "espeak_vocoded")
+NO_SPEAKER = "none"
 
 # Runs without this package: only the saved folder's code can answer.
 SYNTHESIS_SCRIPT = """
@@ -70,22 +73,21 @@ result = {"seconds": time.perf_counter() - started, "audio_seconds": sum(duratio
 """
 
 
-def to_digits(text: str) -> str:
-    """'Three, 1 4... one!' -> '3 1 4 1': every digit and digit word, in order, as space-separated digits."""
-    found = DIGIT_PATTERN.findall(text.lower())
-    return " ".join(WORD_DIGITS.get(token, token) for token in found)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tts")
+    add_flag(group, "--whisper", default="bundled:base", help="dense Whisper folder that listens, or bundled:<size>")
+    add_flag(group, "--speaker", default=NO_SPEAKER, help="voice index for a one-hot speaker embedding, or none")
+    add_flag(group, "--no_fallback", action="store_true", help="transcribe greedily only, no temperature fallback")
+    add_flag(group, "--no_ceilings", action="store_true", help="score the models only, not espeak-ng's own audio")
 
 
-def digit_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Word error rate over digits; an empty transcript counts every reference digit as deleted."""
-    import jiwer
-
-    output = jiwer.process_words(references, [h if h else "<empty>" for h in hypotheses])
-    errors = output.substitutions + output.deletions + output.insertions
-    return errors / sum(len(reference.split()) for reference in references)
+def check_args(args: argparse.Namespace) -> None:
+    if args.speaker != NO_SPEAKER and not args.speaker.isdigit():
+        raise SystemExit(f"--speaker {args.speaker}: expected a voice index (0, 1, ...) or {NO_SPEAKER}")
 
 
 def whisper_folder(name_or_path: str) -> str:
+    """A dense Whisper folder: the path given, or `bundled:<size>` converted once into the cache."""
     if not name_or_path.startswith("bundled:"):
         return name_or_path
     from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
@@ -108,14 +110,15 @@ def transcribe(paths: list[Path], whisper: str, fallback: bool = True) -> list[s
     if fallback:
         options |= {"temperature": FALLBACK_TEMPERATURES, "compression_ratio_threshold": COMPRESSION_RATIO_THRESHOLD,
                     "logprob_threshold": LOGPROB_THRESHOLD}  # fmt: skip
-    outputs = asr([str(p) for p in paths], batch_size=8, generate_kwargs=options)
+    outputs = asr([str(p) for p in paths], batch_size=TRANSCRIBE_BATCH_SIZE, generate_kwargs=options)
     return [output["text"].strip() for output in outputs]
 
 
 def synthesise_with_model(model: str, texts: list[str], out_dir: Path, speaker: str) -> tuple[list[Path], dict]:
-    record = run_isolated(SYNTHESIS_SCRIPT, Path(model).resolve(), out_dir, speaker, *texts, cwd=out_dir)
-    if record["leaked"]:
-        raise RuntimeError(f"the saved folder imported the package: {record['leaked']}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(model).resolve()
+    record = run_self_contained(SYNTHESIS_SCRIPT, folder, out_dir, speaker, *texts, cwd=out_dir,
+                                timeout=SYNTHESIS_TIMEOUT_S)  # fmt: skip
     return [out_dir / f"{i:03d}.wav" for i in range(len(texts))], record
 
 
@@ -125,8 +128,8 @@ def synthesise_ceilings(texts: list[str], out_dir: Path) -> tuple[list[Path], li
     for index, text in enumerate(texts):
         audio = espeak(text, CEILING_VOICE, CEILING_SPEED, CEILING_PITCH)
         resynthesised = mel_to_waveform(log_mel_spectrogram(torch.from_numpy(audio))).numpy()
-        direct.append(write_audio(out_dir / f"espeak-{index:03d}.wav", audio, SAMPLING_RATE))
-        vocoded.append(write_audio(out_dir / f"vocoded-{index:03d}.wav", resynthesised, SAMPLING_RATE))
+        direct.append(save_audio(out_dir / f"espeak-{index:03d}.wav", audio, SAMPLING_RATE))
+        vocoded.append(save_audio(out_dir / f"vocoded-{index:03d}.wav", resynthesised, SAMPLING_RATE))
     return direct, vocoded
 
 
@@ -137,61 +140,64 @@ def score(name: str, references: list[str], transcripts: list[str]) -> dict:
     return {"wer": round(wer, 4), "exact_match": float(np.mean([r == h for r, h in zip(references, hypotheses)]))}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="saved WhisperMoE text-to-speech folder")
-    parser.add_argument("--whisper", default="bundled:base", help="dense Whisper folder, or bundled:<size>")
-    parser.add_argument("--num_sequences", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--speaker", default="none", help="voice index for a one-hot speaker embedding, or none")
-    parser.add_argument("--output", default=str(REPO_ROOT / "results" / "tts-digits.json"))
-    parser.add_argument("--audio_dir", default=None, help="keep the synthesised audio here (default: temporary)")
-    parser.add_argument("--no_fallback", action="store_true", help="transcribe greedily only, no temperature fallback")
-    parser.add_argument("--no_ceilings", action="store_true", help="score the model only, not espeak-ng's own audio")
-    args = parser.parse_args(argv)
+def transcribe_all(systems: dict[str, list[Path]], whisper: str, fallback: bool) -> dict[str, list[str]]:
+    """Every system's transcripts, one process per system: single-threaded workers finish sooner on a shared
+    machine than one process doing all in turn."""
+    with ProcessPoolExecutor(max_workers=len(systems)) as pool:
+        outputs = pool.map(transcribe, systems.values(), [whisper] * len(systems), [fallback] * len(systems))
+        return dict(zip(systems, outputs))
 
-    sequences = held_out_sequences(args.num_sequences, args.seed)
-    assert all(is_held_out(s) for s in sequences)
+
+def evaluate(models: Sequence[ModelRef], args: argparse.Namespace) -> dict:
+    """Digit WER and exact match of every model's speech (and the ceilings'), as `--whisper` transcribes it."""
+    sequences = held_out_sequences(or_default(args.num_sequences, DEFAULT_NUM_SEQUENCES), args.seed)
+    if not all(is_held_out(s) for s in sequences):
+        raise RuntimeError("held_out_sequences returned a sequence that training may contain")
     texts = [digits_to_words(s) for s in sequences]
     references = [" ".join(s) for s in sequences]
     whisper = whisper_folder(args.whisper)
+    systems, synthesis = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
-        out_dir = Path(args.audio_dir or scratch)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model_paths, synthesis = synthesise_with_model(args.model, texts, out_dir, args.speaker)
-        systems = {"model": model_paths}
+        out_dir = Path(args.audio_dir or scratch) / "tts"
+        for index, model in enumerate(models):
+            paths, synthesis[model.name] = synthesise_with_model(model.path, texts, out_dir / f"model-{index}",
+                                                                 args.speaker)  # fmt: skip
+            systems[model.name] = paths
         if not args.no_ceilings:
-            systems["espeak"], systems["espeak_vocoded"] = synthesise_ceilings(texts, out_dir)
+            systems.update(zip(CEILINGS, synthesise_ceilings(texts, out_dir)))
         started = time.perf_counter()
-        # one process per system: three single-threaded workers finish sooner than one on a shared machine
-        with ProcessPoolExecutor(max_workers=len(systems)) as pool:
-            fallback = [not args.no_fallback] * len(systems)
-            outputs = pool.map(transcribe, systems.values(), [whisper] * len(systems), fallback)
-            transcripts = dict(zip(systems, outputs))
+        transcripts = transcribe_all(systems, whisper, not args.no_fallback)
         transcribe_seconds = time.perf_counter() - started
-    results = {
-        "model": str(args.model),
+    return {
+        "models": {model.name: model.path for model in models},
         "whisper": args.whisper,
         "speaker": args.speaker,
         "whisper_decoding": "greedy" if args.no_fallback else f"temperature fallback {list(FALLBACK_TEMPERATURES)}",
         "num_sequences": len(sequences),
         "held_out_rule": "sha1(sequence) % 10 == 0; training sequences contain no held-out 4-digit window",
         "scores": {name: score(name, references, transcripts[name]) for name in transcripts},
-        "synthesis": {k: v for k, v in synthesis.items() if k != "leaked"},
+        "synthesis": synthesis,
         "transcribe_seconds": round(transcribe_seconds, 1),
         "examples": [
             {"text": text, "reference": ref, **{name: transcripts[name][i] for name in transcripts}}
             for i, (text, ref) in enumerate(zip(texts, references))
         ],
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp")
-    temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(output)
-    print(f"wrote {output}")
-    return results
 
 
-if __name__ == "__main__":
-    main()
+def markdown(report: dict) -> str:
+    header = ["system", "Whisper digit WER %", "exact match %", "sequences"]
+    rows = [[name, f"{100 * s['wer']:.1f}", f"{100 * s['exact_match']:.1f}", report["num_sequences"]]
+            for name, s in report["scores"].items()]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+EVALUATOR = Evaluator(
+    name="tts",
+    trained_task="tts",
+    description="Whisper base's digit WER on held-out digit sequences each folder speaks (and espeak-ng ceilings)",
+    add_arguments=add_arguments,
+    check=check_args,
+    evaluate=evaluate,
+    markdown=markdown,
+)

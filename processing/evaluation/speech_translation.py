@@ -1,15 +1,14 @@
-#!/usr/bin/env python
-"""Speech translation (any language -> English), language identification and multilingual transcription of a
-WhisperMoE folder, next to faster-whisper running the same weights.
+"""The `speech_translation` task: speech translation (any language -> English), language identification and
+multilingual transcription of WhisperMoE folders, next to faster-whisper running the same weights.
 
 Speech is synthesised with espeak-ng from a seeded sample of Tatoeba sentences (German and French by default, several
 espeak voices in turn), decoded once to 16 kHz and written as FLAC, so both systems read identical samples. Then:
 
-  (a) the WhisperMoE folder runs through `pipeline("automatic-speech-recognition", trust_remote_code=True)` in a
+  (a) each WhisperMoE folder runs through `pipeline("automatic-speech-recognition", trust_remote_code=True)` in a
       fresh interpreter that cannot import this package (only the folder's own code answers), language left to
-      detection, greedy decoding, `generate_kwargs={"task": ...}`;
-  (b) faster-whisper runs a CTranslate2 checkpoint (default: the bundled OpenAI base) with the same task, one beam,
-      temperature 0, no timestamps, no VAD.
+      detection, greedy decoding, `generate_kwargs={"task": ...}` for each of `--whisper_tasks`;
+  (b) faster-whisper runs a CTranslate2 checkpoint (`--faster_whisper`, default: the bundled OpenAI base) with the
+      same task, one beam, temperature 0, no timestamps, no VAD.
 
 Reported per system: chrF and BLEU (sacrebleu, corpus level) of the translations against Tatoeba's English, chrF of
 the transcriptions against the source sentences, and language-identification accuracy; and how closely the two
@@ -17,8 +16,8 @@ systems agree: the difference of their chrF scores, chrF of one against the othe
 outputs. The upcycled model computes exactly what its dense source does, so the two should agree up to floating
 point: synthetic speech that Whisper finds hard makes near-ties, and near-ties are where they can part.
 
-    python scripts/evaluate_speech_translation.py --model /work/cache/whisper-moe-base-8x2 \\
-        --output-json results/speech-translation-base.json
+    python scripts/evaluate.py --tasks speech_translation --model /work/cache/whisper-moe-base-8x2 \\
+        --output_json results/speech-translation-base.json --output_md results/speech-translation-base.md
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,11 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from modeling_whisper_moe.audio import load_audio, save_audio
+from modeling_whisper_moe.features import N_SAMPLES, SAMPLING_RATE
+from processing.evaluation.common import Evaluator, ModelRef, add_flag
+from processing.isolation import run_self_contained
+from processing.metrics import bleu_chrf
 
-from modeling_whisper_moe.audio import SAMPLING_RATE, load_audio, save_audio  # noqa: E402
-from scripts.isolation import run_isolated  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "translation"
 DEFAULT_LANGUAGES = ("de", "fr")
@@ -62,7 +62,7 @@ MIN_WORDS, MAX_WORDS = 4, 20
 ESPEAK = "espeak-ng"
 # A 20-word sentence is under 60 tokens; the cap stops a looping hallucination (both systems get the same cap).
 MAX_NEW_TOKENS = 128
-WINDOW_SAMPLES = 30 * SAMPLING_RATE  # Whisper's 30 s input window
+FASTER_WHISPER_RUNS = {"faster-whisper": False, "faster-whisper-padded-audio": True}  # name: audio padded to 30 s
 
 MOE_SCRIPT = """
 from transformers import pipeline
@@ -91,25 +91,22 @@ class Clip:
     path: str = ""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a saved WhisperMoE folder (multilingual, e.g. upcycled base)")
-    parser.add_argument("--faster-whisper", help="CTranslate2 checkpoint folder (default: the bundled base)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder of tatoeba_en_<lang>.csv")
-    parser.add_argument("--languages", nargs="+", default=list(DEFAULT_LANGUAGES), choices=sorted(VOICES))
-    parser.add_argument("--per-language", type=int, default=DEFAULT_PER_LANGUAGE, help="sentences per language")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the sentence sample")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--audio-dir", type=Path, help="keep the synthesised FLAC files here (default: temporary)")
-    parser.add_argument("--output-json", type=Path, help="write the report here")
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speech_translation")
+    add_flag(group, "--tatoeba_dir", type=Path, default=DEFAULT_DATA_DIR, help="folder of tatoeba_en_<lang>.csv")
+    add_flag(group, "--languages", nargs="+", default=list(DEFAULT_LANGUAGES), choices=sorted(VOICES))
+    add_flag(group, "--per_language", type=int, default=DEFAULT_PER_LANGUAGE, help="sentences per language")
+    add_flag(group, "--whisper_tasks", nargs="+", default=list(TASKS), choices=TASKS, help="Whisper's task tokens")
+
+
+def check_args(args: argparse.Namespace) -> None:
     if args.per_language < 1:
-        parser.error(f"--per-language must be at least 1, got {args.per_language}")
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: no config.json; expected a saved WhisperMoE folder")
+        raise SystemExit(f"--per_language must be at least 1, got {args.per_language}")
+    for model in args.model:
+        if not (Path(model.path) / "config.json").is_file():
+            raise SystemExit(f"--model {model.path}: no config.json; expected a saved WhisperMoE folder")
     if shutil.which(ESPEAK) is None:
-        parser.error(f"{ESPEAK} not found: apt-get install -y espeak-ng")
-    return args
+        raise SystemExit(f"{ESPEAK} not found: apt-get install -y espeak-ng")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,9 +153,8 @@ def run_moe(model: str, clips: list[Clip], tasks: Sequence[str], workdir: Path) 
     manifest = workdir / "paths.json"
     manifest.write_text(json.dumps([clip.path for clip in clips]), encoding="utf-8")
     folder = Path(model).resolve()
-    result = run_isolated(MOE_SCRIPT, folder, manifest, ",".join(tasks), MAX_NEW_TOKENS, cwd=workdir, timeout=None)
-    if result["leaked"]:
-        raise RuntimeError(f"the folder's code imported the package: {result['leaked']}")
+    run = (manifest, ",".join(tasks), MAX_NEW_TOKENS)
+    result = run_self_contained(MOE_SCRIPT, folder, *run, cwd=workdir, timeout=None)
     names = {name: code for code, name in _language_names().items()}
     for rows in result["outputs"].values():
         for row in rows:
@@ -181,7 +177,7 @@ def run_faster_whisper(ct2_dir: str, clips: list[Clip], tasks: Sequence[str], pa
         for clip in clips:
             audio = load_audio(clip.path, SAMPLING_RATE)
             if pad_to_window:
-                audio = np.pad(audio, (0, max(0, WINDOW_SAMPLES - len(audio))))
+                audio = np.pad(audio, (0, max(0, N_SAMPLES - len(audio))))
             segments, info = model.transcribe(audio, task=task, **options)
             rows.append({"text": "".join(segment.text for segment in segments), "language": info.language})
         outputs[task] = rows
@@ -201,12 +197,8 @@ def _language_names() -> dict[str, str]:
 
 
 def text_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    import sacrebleu
-
-    return {
-        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
-        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2),
-    }
+    scores = bleu_chrf(hypotheses, references)
+    return {"chrf": scores["chrf"], "bleu": scores["bleu"]}
 
 
 def system_scores(clips: list[Clip], outputs: dict[str, list[dict]]) -> dict:
@@ -265,41 +257,42 @@ def markdown(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Main
+# Evaluator
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic: a temporary sibling renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def evaluate(args: argparse.Namespace, workdir: Path) -> dict:
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint
-
+def sample_clips(args: argparse.Namespace, workdir: Path) -> list[Clip]:
+    """The seeded sentence sample of every `--languages`, spoken and stored as FLAC."""
     clips = [
         clip
         for language in args.languages
-        for clip in sample_sentences(args.data_dir, language, args.per_language, args.seed)
+        for clip in sample_sentences(args.tatoeba_dir, language, args.per_language, args.seed)
     ]
-    synthesise(clips, args.audio_dir or workdir / "audio")
-    ct2_dir = args.faster_whisper or str(bundled_checkpoint("base"))
-    timings = {}
-    start = time.perf_counter()
-    moe = run_moe(args.model, clips, args.tasks, workdir)
-    timings["whisper-moe"] = round(time.perf_counter() - start, 1)
-    runs = {"whisper-moe": moe}
-    for name, pad in (("faster-whisper", False), ("faster-whisper-padded-audio", True)):
+    synthesise(clips, Path(args.audio_dir) / "speech_translation" if args.audio_dir else workdir / "audio")
+    return clips
+
+
+def faster_whisper_runs(ct2_dir: str, clips: list[Clip], tasks: Sequence[str]) -> tuple[dict, dict]:
+    """faster-whisper's outputs on the clips as they are and padded to 30 s, and their wall times."""
+    runs, timings = {}, {}
+    for name, pad in FASTER_WHISPER_RUNS.items():
         start = time.perf_counter()
-        runs[name] = run_faster_whisper(ct2_dir, clips, args.tasks, pad_to_window=pad)
+        runs[name] = run_faster_whisper(ct2_dir, clips, tasks, pad_to_window=pad)
         timings[name] = round(time.perf_counter() - start, 1)
+    return runs, timings
+
+
+def model_report(model: ModelRef, args, clips: list[Clip], reference: tuple[str, dict, dict], workdir: Path) -> dict:
+    """One folder's scores, its agreement with each faster-whisper run, and every clip's outputs."""
+    ct2_dir, reference_runs, timings = reference
+    start = time.perf_counter()
+    moe = run_moe(model.path, clips, args.whisper_tasks, workdir)
+    timings = {"whisper-moe": round(time.perf_counter() - start, 1), **timings}
+    runs = {"whisper-moe": moe, **reference_runs}
     systems = {name: system_scores(clips, run["outputs"]) for name, run in runs.items()}
     return {
         "setup": {
-            "model": str(args.model),
+            "model": str(model.path),
             "faster_whisper": ct2_dir,
             "languages": args.languages,
             "per_language": args.per_language,
@@ -315,35 +308,47 @@ def evaluate(args: argparse.Namespace, workdir: Path) -> dict:
         "systems": systems,
         "agreement": {
             name: agreement(moe["outputs"], runs[name]["outputs"], systems["whisper-moe"], systems[name])
-            for name in ("faster-whisper", "faster-whisper-padded-audio")
+            for name in FASTER_WHISPER_RUNS
         },
-        "clips": [
-            {
-                **{key: value for key, value in asdict(clip).items() if key != "path"},
-                **{f"whisper_moe_{task}": moe["outputs"][task][i] for task in args.tasks},
-                **{
-                    f"{name.replace('-', '_')}_{task}": runs[name]["outputs"][task][i]
-                    for name in runs
-                    if name != "whisper-moe"
-                    for task in args.tasks
-                },
-            }
-            for i, clip in enumerate(clips)
-        ],
+        "clips": [clip_outputs(clip, i, runs, args.whisper_tasks) for i, clip in enumerate(clips)],
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="speech-translation-") as workdir:
-        report = evaluate(args, Path(workdir))
-    print(markdown(report))
-    if args.output_json:
-        write_text(args.output_json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        write_text(args.output_json.with_suffix(".md"), markdown(report))
-        print(f"Wrote {args.output_json} and its .md table", file=sys.stderr)
-    return 0
+def clip_outputs(clip: Clip, index: int, runs: dict[str, dict], tasks: Sequence[str]) -> dict:
+    """A clip's sentence, voice and language, and each system's output of each task."""
+    entry = {key: value for key, value in asdict(clip).items() if key != "path"}
+    for name, run in runs.items():
+        prefix = name.replace("-", "_")
+        entry.update({f"{prefix}_{task}": run["outputs"][task][index] for task in tasks})
+    return entry
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def evaluate(models: Sequence[ModelRef], args: argparse.Namespace) -> dict:
+    """Every folder on the same synthesised clips, each next to faster-whisper (run once): {"models": {name: ...}}."""
+    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="speech-translation-") as tmp:
+        workdir = Path(tmp)
+        clips = sample_clips(args, workdir)
+        ct2_dir = args.faster_whisper or str(bundled_checkpoint("base"))
+        reference = (ct2_dir, *faster_whisper_runs(ct2_dir, clips, args.whisper_tasks))
+        return {"models": {model.name: model_report(model, args, clips, reference, workdir) for model in models}}
+
+
+def markdown_all(report: dict) -> str:
+    """Each folder's tables; headed by the folder's name when there are several."""
+    models = report["models"]
+    if len(models) == 1:
+        return markdown(next(iter(models.values()))).rstrip("\n")
+    return "\n\n".join(f"**{name}**\n\n{markdown(entry)}".rstrip("\n") for name, entry in models.items())
+
+
+EVALUATOR = Evaluator(
+    name="speech_translation",
+    trained_task="asr",
+    description="speech translation, language ID and transcription of espeak-ng Tatoeba speech vs faster-whisper",
+    add_arguments=add_arguments,
+    check=check_args,
+    evaluate=evaluate,
+    markdown=markdown_all,
+)
