@@ -278,7 +278,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def evaluate(args: argparse.Namespace, workdir: Path) -> dict:
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint
+    from processing.convert_ct2 import bundled_checkpoint
 
     clips = [
         clip

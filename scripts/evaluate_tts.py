@@ -88,7 +88,7 @@ def digit_wer(references: list[str], hypotheses: list[str]) -> float:
 def whisper_folder(name_or_path: str) -> str:
     if not name_or_path.startswith("bundled:"):
         return name_or_path
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
+    from processing.convert_ct2 import bundled_checkpoint, convert_ct2
 
     size = name_or_path.split(":", 1)[1]
     folder = CACHE_DIR / f"whisper-{size}"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .audio import SAMPLING_RATE, load_audio
-from .modeling_whisper_moe import (
+from modeling_whisper_moe.audio import SAMPLING_RATE, load_audio
+from modeling_whisper_moe.modeling_whisper_moe import (
     ENCODER_DOWNSAMPLING,
     IGNORE_INDEX,
     WhisperMoEForConditionalGeneration,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Seq2SeqTrainer
 
-from .modeling_whisper_moe import IGNORE_INDEX, expert_shares, token_weights
+from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX, expert_shares, token_weights
 
 TRAINING_MODES = ("full", "freeze_encoder", "experts", "attention", "lora")
 # Parameter-name fragments of what "experts" mode trains: routed experts, routers, shared experts.
