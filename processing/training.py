@@ -1,17 +1,23 @@
-"""Fine-tuning WhisperMoE with transformers' `Seq2SeqTrainer`: what is trained, and router health in the logs.
+"""Training WhisperMoE with transformers' `Seq2SeqTrainer`: what is trained, the one trainer of every task (loss
+parts and router health in the logs), and a wall-time budget.
 
-Not part of the Hub code (nothing the model imports): it is the training side of the package.
+Not part of the Hub code (nothing the model imports): it is the training side of the project.
 """
 
-import math
+import logging
+import time
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Seq2SeqTrainer
+from torch.utils.data import DataLoader, Sampler
+from transformers import Seq2SeqTrainer, TrainerCallback
 
-from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX, expert_shares, token_weights
+from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX
+from processing.multitask import TASK_KEY
+from processing.routing import router_statistics, router_token_masks
 
 TRAINING_MODES = ("full", "freeze_encoder", "experts", "attention", "lora")
 # Parameter-name fragments of what "experts" mode trains: routed experts, routers, shared experts.
@@ -28,6 +34,9 @@ FROZEN_IN_ATTENTION_MODE = (
 )
 LORA_ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_EXPERT_PARAMETERS = ["experts.fc1_weight", "experts.fc2_weight"]
+# what a model output may carry of its loss, unweighted, for the logs (besides the token cross-entropy `ce`)
+LOSS_PARTS = ("mel_loss", "duration_loss", "encoder_aux_loss", "decoder_aux_loss", "encoder_z_loss", "decoder_z_loss")
+logger = logging.getLogger(__name__)
 
 
 def apply_training_mode(
@@ -80,73 +89,100 @@ def _with_lora(model: nn.Module, r: int, alpha: int, dropout: float) -> nn.Modul
     return get_peft_model(model, config)
 
 
-def router_statistics(
-    router_logits: tuple[torch.Tensor, ...], top_k: int, mask: torch.Tensor | None = None
-) -> list[dict[str, float]]:
-    """Per sparse layer: how evenly tokens spread over experts, and how sure the router is.
-
-    router_logits holds one (tokens, num_experts) tensor per layer; mask is (tokens,) or broadcastable, 1 = real.
-    `max_load` is the busiest expert's share of routing slots times num_experts (1.0 = perfectly even);
-    `entropy` is the mean router entropy divided by log(num_experts) (1.0 = uniform, 0.0 = one-hot).
-    """
-    stats = []
-    for logits in router_logits:
-        logits = logits.detach().float()
-        weights = token_weights(1, logits.shape[0], mask, logits.device)
-        num_experts = logits.shape[-1]
-        load, _ = expert_shares(logits, top_k, weights)
-        probs = logits.softmax(dim=-1)
-        entropy = -(probs * probs.clamp(min=1e-9).log()).sum(-1)
-        mean_entropy = (entropy * weights).sum() / weights.sum().clamp(min=1.0)
-        stats.append(
-            {"max_load": (load.max() * num_experts).item(), "entropy": (mean_entropy / math.log(num_experts)).item()}
-        )
-    return stats
-
-
 class WhisperMoETrainer(Seq2SeqTrainer):
-    """`Seq2SeqTrainer` that also logs the loss parts and each sparse layer's router statistics.
+    """`Seq2SeqTrainer` for every task and mixture of tasks, logging the loss parts and masked router statistics.
 
-    Logged next to `loss`: `ce` (token cross-entropy), the unweighted router losses `encoder_aux_loss`,
-    `decoder_aux_loss` (load balancing, 1.0 = balanced), `encoder_z_loss`, `decoder_z_loss`, and per sparse layer
-    `router/<side>.<layer>/max_load` and `/entropy`. They go wherever the Trainer logs (console, TensorBoard when
-    installed, ...), averaged over the micro-batches since the previous log.
+    Logged next to `loss`, averaged over the micro-batches since the previous log: `ce` (token cross-entropy of
+    text-output batches), the model's own parts (`mel_loss`, `duration_loss` of speech-output batches), the
+    unweighted router losses `encoder_aux_loss`, `decoder_aux_loss` (load balancing, 1.0 = balanced),
+    `encoder_z_loss`, `decoder_z_loss`, and per sparse layer `router/<side>.<layer>/max_load` and `/entropy` over
+    real tokens only (`router_token_masks`). In a task mixture every key is prefixed with the batch's task
+    (`asr_ce`, `tts_mel_loss`, ...) and `<task>_loss` is logged too.
+
+    task: the task of batches that carry no `task` key (a single-task run); speech_output_tasks: the tasks whose
+    batches the model scores itself (mel and duration losses, no token count); batch_sampler: one-task batches of a
+    mixture (`TaskBatchSampler`), replacing the Trainer's sampler.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, task: str | None = None, speech_output_tasks: Sequence[str] = (),
+                 batch_sampler: Sampler | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
-        self._router_logs: dict[str, list[float]] = defaultdict(list)
+        self.task, self.speech_output_tasks, self.batch_sampler = task, tuple(speech_output_tasks), batch_sampler
+        self._logged: dict[str, list[float]] = defaultdict(list)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.batch_sampler is None:
+            return super().get_train_dataloader()
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training and getattr(outputs, "aux_loss", None) is not None:
-            self._record(outputs, inputs["labels"])
+        inputs = dict(inputs)
+        task = inputs.pop(TASK_KEY, None)
+        if (task or self.task) in self.speech_output_tasks:  # mel targets: the Trainer's token count is not theirs
+            outputs = model(**inputs)
+            loss = outputs.loss
+        else:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)  # fmt: skip
+        if model.training:
+            prefix = f"{task}_" if task else ""
+            parts = {"loss": loss} if task else {}
+            parts.update(self.loss_parts(outputs, inputs))
+            parts.update(self.router_parts(outputs, inputs))
+            for name, value in parts.items():
+                self._logged[prefix + name].append(float(value))
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _record(self, outputs, labels: torch.Tensor) -> None:
-        logits = outputs.logits
-        ce = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=IGNORE_INDEX
-        )
-        self._router_logs["ce"].append(ce.item())
-        for name in ("encoder_aux_loss", "decoder_aux_loss", "encoder_z_loss", "decoder_z_loss"):
-            if getattr(outputs, name) is not None:
-                self._router_logs[name].append(getattr(outputs, name).item())
-        config = self.model.config
-        decoder_mask = labels != IGNORE_INDEX
-        for side, router_logits, mask in (
-            ("encoder", outputs.encoder_router_logits, None),
-            ("decoder", outputs.decoder_router_logits, decoder_mask),
-        ):
+    def loss_parts(self, outputs, inputs: dict) -> dict[str, torch.Tensor]:
+        """The named parts of this batch's loss, unweighted: where a new loss term is added to the logs."""
+        parts = {name: getattr(outputs, name) for name in LOSS_PARTS if getattr(outputs, name, None) is not None}
+        labels, logits = inputs.get("labels"), getattr(outputs, "logits", None)
+        if logits is not None and labels is not None and labels.dtype == torch.long:
+            flat = logits.float().flatten(0, 1)
+            parts["ce"] = F.cross_entropy(flat, labels.to(logits.device).flatten(), ignore_index=IGNORE_INDEX)
+        return parts
+
+    @torch.no_grad()
+    def router_parts(self, outputs, inputs: dict) -> dict[str, float]:
+        """`router/<side>.<layer>/max_load` and `/entropy` of each sparse layer, over real tokens only."""
+        logits = {side: getattr(outputs, f"{side}_router_logits", None) for side in ("encoder", "decoder")}
+        if not any(logits.values()):  # a dense baseline, or a speech-output batch
+            return {}
+        config, values = self.accelerator.unwrap_model(self.model).config, {}
+        masks = router_token_masks(config, inputs)
+        for side, router_logits in logits.items():
             sparse_layers = [i for i in range(getattr(config, f"{side}_layers")) if config.is_sparse_layer(side, i)]
-            layer_stats = router_statistics(router_logits or (), config.num_experts_per_tok, mask)
+            layer_stats = router_statistics(router_logits or (), config.num_experts_per_tok, masks[side])
             for layer, stats in zip(sparse_layers, layer_stats):
-                for key, value in stats.items():
-                    self._router_logs[f"router/{side}.{layer}/{key}"].append(value)
+                values.update({f"router/{side}.{layer}/{key}": value for key, value in stats.items()})
+        return values
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._router_logs and "loss" in logs:
-            logs.update({key: round(sum(values) / len(values), 4) for key, values in self._router_logs.items()})
-            self._router_logs.clear()
+        if self._logged and "loss" in logs:
+            logs.update({key: round(sum(values) / len(values), 4) for key, values in self._logged.items()})
+            self._logged.clear()
         super().log(logs, *args, **kwargs)
+
+
+class WallTimeBudget(TrainerCallback):
+    """Stop training once `minutes` of wall time have passed (the learning-rate schedule still follows max_steps)."""
+
+    def __init__(self, minutes: float):
+        if minutes <= 0:
+            raise ValueError(f"max_train_minutes must be positive, got {minutes}.")
+        self.seconds = minutes * 60
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.started > self.seconds:
+            logger.info("wall-time budget of %.1f min reached at step %d", self.seconds / 60, state.global_step)
+            control.should_training_stop = True
+        return control
