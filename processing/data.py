@@ -51,6 +51,7 @@ __all__ = [
     "AUDIO_COLUMN",
     "TEXT_COLUMN",
     "load_asr_dataset",
+    "manifest_columns",
     "prepare_dataset",
     "read_librispeech",
     "read_manifest",
@@ -68,7 +69,7 @@ def read_manifest(
     include_speakers: Iterable[str] | str | None = None,
     exclude_speakers: Iterable[str] | str | None = None,
 ) -> Dataset:
-    """Read a CSV manifest with columns `path,text[,split,speaker,...]` into a Dataset.
+    """Read a CSV manifest with columns `path,text[,split,speaker,...]` into a Dataset: the one manifest reader.
 
     `path` is relative to the CSV's folder (absolute paths are kept) and becomes the absolute `audio` column; all
     other columns are kept. `split` keeps the rows whose `split` column equals it; `include_speakers` /
@@ -100,6 +101,14 @@ def read_manifest(
     frame = frame.drop(columns=MANIFEST_PATH_COLUMN)
     frame.insert(0, AUDIO_COLUMN, audio)
     return Dataset.from_pandas(frame, preserve_index=False)
+
+
+def manifest_columns(csv_path: str | Path) -> list[str]:
+    """The header of a CSV manifest (e.g. to filter on `split` only when the manifest has that column)."""
+    csv_path = Path(csv_path).expanduser()
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"Manifest not found: {csv_path}")
+    return list(pd.read_csv(csv_path, nrows=0).columns)
 
 
 def read_librispeech(root: str | Path) -> Dataset:

@@ -32,7 +32,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from modeling_whisper_moe.growth import grow_experts, previous_model
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX, WhisperMoERouter
-from modeling_whisper_moe.training import WhisperMoETrainer
+from processing.training import WhisperMoETrainer
 
 from .data import read_manifest
 
@@ -361,7 +361,7 @@ class LifelongTrainer(WhisperMoETrainer):
                 self.model, inputs, outputs, is_replay.to(loss.device), self.lifelong
             ).items():
                 loss = loss + value.to(loss.device)
-                self._router_logs[name].append(value.item())
+                self._logged[name].append(value.item())
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):

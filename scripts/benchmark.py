@@ -22,25 +22,24 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
+from transformers import WhisperForConditionalGeneration, pipeline
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import WhisperForConditionalGeneration, pipeline  # noqa: E402
-
-from modeling_whisper_moe import (  # noqa: E402
+from modeling_whisper_moe import (
     WhisperMoEConfig,
     WhisperMoEForConditionalGeneration,
     WhisperMoEProcessor,
     load_audio,
 )
-from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS  # noqa: E402
-from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock  # noqa: E402
-from modeling_whisper_moe.processing_whisper_moe import log_mel_30s  # noqa: E402
-from modeling_whisper_moe.training import apply_training_mode  # noqa: E402
-from processing import read_manifest  # noqa: E402
-from processing.metrics import english_normalizer, error_rates  # noqa: E402
+from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS
+from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
+from modeling_whisper_moe.processing_whisper_moe import log_mel_30s
+from processing import read_manifest
+from processing.metrics import english_normalizer, error_rates
+from processing.training import apply_training_mode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLING_RATE = 16_000
 DEFAULT_MANIFEST = REPO_ROOT.parent / "shared" / "data" / "librispeech" / "test-other" / "manifest.csv"

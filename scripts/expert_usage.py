@@ -22,25 +22,23 @@ import argparse
 import itertools
 import json
 import random
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor  # noqa: E402
-from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
-from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAndText  # noqa: E402
-from modeling_whisper_moe.pruning import manifest_batches, routing_counts  # noqa: E402
-from processing.text_data import (  # noqa: E402
+from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor
+from modeling_whisper_moe.hub import atomic_directory
+from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAndText
+from processing.pruning import manifest_batches, routing_counts
+from processing.text_data import (
     TextPairCollator,
     prepare_text_pairs,
     read_held_out_ids,
     read_held_out_pairs,
 )
-from processing.tts_data import DigitClipBank, digits_to_words, encode_utterance, held_out_sequences  # noqa: E402
+from processing.tts_data import DigitClipBank, digits_to_words, encode_utterance, held_out_sequences
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TOP = 2  # busiest experts listed per task and block
 

@@ -18,14 +18,13 @@ import time
 from functools import partial
 from pathlib import Path
 
+import torch
+from transformers import pipeline
+
+from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, load_audio
+from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-from transformers import pipeline  # noqa: E402
-
-from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, load_audio  # noqa: E402
-from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock  # noqa: E402
 
 DEFAULT_AUDIO = REPO_ROOT.parent / "shared" / "data" / "misc" / "jfk.flac"
 DISPATCH_TOKENS = 3000

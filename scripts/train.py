@@ -30,7 +30,6 @@ from transformers import Seq2SeqTrainingArguments, WhisperForConditionalGenerati
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor  # noqa: E402
 from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
 from modeling_whisper_moe.model_card import model_card  # noqa: E402
-from modeling_whisper_moe.training import TRAINING_MODES, WhisperMoETrainer, apply_training_mode  # noqa: E402
 from processing import SpeechSeq2SeqCollator, WaveformAugmenter, load_asr_dataset, prepare_dataset, read_manifest  # noqa: E402
 from processing.lifelong import (  # noqa: E402
     LifelongArguments,
@@ -43,6 +42,7 @@ from processing.lifelong import (  # noqa: E402
     pseudo_label_manifests,
 )
 from processing.metrics import english_normalizer, make_compute_metrics  # noqa: E402
+from processing.recipes import parse_recipe  # noqa: E402
 from processing.text_data import (  # noqa: E402
     TextPairCollator,
     copy_pairs,
@@ -51,7 +51,7 @@ from processing.text_data import (  # noqa: E402
     split_held_out,
     write_held_out_ids,
 )
-from scripts.recipes import parse_recipe  # noqa: E402
+from processing.training import TRAINING_MODES, WhisperMoETrainer, apply_training_mode  # noqa: E402
 
 DEFAULT_RECIPE = REPO_ROOT / "configuration" / "recipes" / "asr-finetune.json"
 SHUFFLE_BUFFER = 1_000  # examples held for shuffling a streamed training set

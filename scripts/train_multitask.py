@@ -62,6 +62,7 @@ from processing.multitask import (  # noqa: E402
     TaskBatchSampler,
     TaskMixture,
 )
+from processing.recipes import parse_recipe  # noqa: E402
 from processing.text_data import (  # noqa: E402
     TextPairCollator,
     prepare_text_pairs,
@@ -70,7 +71,6 @@ from processing.text_data import (  # noqa: E402
     write_held_out_ids,
 )
 from processing.tts_data import DigitClipBank, SpokenDigitsDataset, TextToSpeechCollator  # noqa: E402
-from scripts.recipes import parse_recipe  # noqa: E402
 from scripts.train_tts import (  # noqa: E402
     BudgetArguments,
     ModelArguments,

@@ -36,6 +36,7 @@ from transformers import (  # noqa: E402
 from modeling_whisper_moe import WhisperMoEConfig  # noqa: E402
 from modeling_whisper_moe.hub import atomic_directory  # noqa: E402
 from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForTextToSpeech  # noqa: E402
+from processing.recipes import parse_recipe  # noqa: E402
 from processing.tts_data import (  # noqa: E402
     AlignedRecordingsDataset,
     DigitClipBank,
@@ -44,7 +45,6 @@ from processing.tts_data import (  # noqa: E402
     TextToSpeechCollator,
     align_with_whisper,
 )
-from scripts.recipes import parse_recipe  # noqa: E402
 
 BUNDLED_PREFIX = "bundled:"  # tokenizer_name_or_path "bundled:base" converts the bundled checkpoint once
 CACHE_DIR = Path.home() / ".cache" / "whisper-moe"
@@ -135,7 +135,7 @@ def tokenizer_folder(name_or_path: str) -> str:
     """A folder holding a Whisper tokenizer; "bundled:<size>" converts the bundled checkpoint (once, cached)."""
     if not name_or_path.startswith(BUNDLED_PREFIX):
         return name_or_path
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
+    from processing.convert_ct2 import bundled_checkpoint, convert_ct2
 
     size = name_or_path[len(BUNDLED_PREFIX) :]
     folder = CACHE_DIR / f"whisper-{size}"

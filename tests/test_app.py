@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import JFK_TEXT, REPO_ROOT
 
-from scripts.isolation import blocking_preamble
+from processing.isolation import blocking_preamble
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration
-from modeling_whisper_moe.cli import main
+from processing.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 def cli_moe(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     assert main(["convert-ct2", "tiny.en", str(root / "dense")]) == 0
-    assert main(["upcycle", str(root / "dense"), str(root / "moe"), "--num-experts", "4", "--top-k", "2"]) == 0
+    assert (
+        main(["upcycle", str(root / "dense"), str(root / "moe"), "--num-experts", "4", "--num-experts-per-tok", "2"])
+        == 0
+    )
     return root / "moe"
 
 
@@ -28,7 +31,7 @@ def test_upcycle_writes_a_hub_folder(cli_moe):
 
 
 def test_transcribe_as_a_module(cli_moe, data_dir):
-    command = [sys.executable, "-m", "modeling_whisper_moe", "transcribe", str(cli_moe), "--json", "--timestamps"]
+    command = [sys.executable, "-m", "processing", "transcribe", str(cli_moe), "--json", "--timestamps"]
     proc = subprocess.run([*command, str(data_dir / "misc/jfk.flac")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -39,7 +42,10 @@ def test_transcribe_as_a_module(cli_moe, data_dir):
 def test_preset_and_flags(cli_moe, tmp_path):
     preset = REPO_ROOT / "configuration" / "presets" / "moe-8x2-decoder.json"
     dense = cli_moe.parent / "dense"
-    assert main(["upcycle", str(dense), str(tmp_path / "moe"), "--preset", str(preset), "--top-k", "1"]) == 0
+    assert (
+        main(["upcycle", str(dense), str(tmp_path / "moe"), "--preset", str(preset), "--num-experts-per-tok", "1"])
+        == 0
+    )
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["encoder_sparse_layers"] == [] and config["decoder_sparse_layers"] is None
     assert (config["num_experts"], config["num_experts_per_tok"]) == (8, 1)
@@ -64,6 +70,8 @@ def test_errors_are_plain_words(cli_moe, tmp_path, capsys):
     assert main(["convert-ct2", "large-v9", str(tmp_path / "out")]) == 1
     assert "large-v9" in capsys.readouterr().err
     dense = cli_moe.parent / "dense"
-    assert main(["upcycle", str(dense), str(tmp_path / "bad"), "--num-experts", "2", "--top-k", "3"]) == 1
+    assert (
+        main(["upcycle", str(dense), str(tmp_path / "bad"), "--num-experts", "2", "--num-experts-per-tok", "3"]) == 1
+    )
     assert "num_experts_per_tok" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -13,7 +13,7 @@ import torch
 from conftest import DATA_DIR
 
 from modeling_whisper_moe.audio import load_audio
-from modeling_whisper_moe.convert_ct2 import (
+from processing.convert_ct2 import (
     CT2FormatError,
     bundled_checkpoint,
     convert_ct2,

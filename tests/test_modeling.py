@@ -224,7 +224,7 @@ def test_config_round_trips_through_json(tmp_path):
 
 
 def test_pruning_unused_experts_keeps_the_outputs():
-    from modeling_whisper_moe.pruning import prune_experts, routing_counts
+    from processing.pruning import prune_experts, routing_counts
 
     model = tiny_moe(num_experts=6)
     direction = torch.randn(TINY["d_model"])
@@ -247,7 +247,7 @@ def test_pruning_unused_experts_keeps_the_outputs():
 
 
 def test_routing_counts_count_real_tokens_only():
-    from modeling_whisper_moe.pruning import routing_counts
+    from processing.pruning import routing_counts
 
     model = tiny_moe()
     features, labels = _inputs()

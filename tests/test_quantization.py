@@ -12,7 +12,6 @@ from transformers import pipeline
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration
-from modeling_whisper_moe.cli import main as cli_main
 from modeling_whisper_moe.quantization import (
     Int8Embedding,
     Int8Experts,
@@ -22,6 +21,7 @@ from modeling_whisper_moe.quantization import (
     quantize_model,
     quantize_per_channel,
 )
+from processing.cli import main as cli_main
 
 # Int8 per-channel weights and 7-bit dynamic activations lose ~1-2% per matmul; through a few layers the logits of a
 # random model stay within this relative error, while a wrong scale, axis or bias would be off by order one.

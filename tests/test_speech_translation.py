@@ -46,7 +46,7 @@ def faster_whisper_outputs() -> list[dict]:
     from faster_whisper import WhisperModel
 
     from modeling_whisper_moe.audio import load_audio
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint
+    from processing.convert_ct2 import bundled_checkpoint
 
     model = WhisperModel(str(bundled_checkpoint("base")), device="cpu", compute_type="float32")
     options = dict(beam_size=1, temperature=0.0, without_timestamps=True, vad_filter=False)

@@ -12,7 +12,7 @@ from conftest import REPO_ROOT, TINY, TINY_FRAMES, tiny_moe
 from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration
-from modeling_whisper_moe.training import WhisperMoETrainer, apply_training_mode
+from processing.training import WhisperMoETrainer, apply_training_mode
 
 FSDD = "fsdd/manifest.csv"
 

@@ -325,7 +325,7 @@ def clip_outputs(clip: Clip, index: int, runs: dict[str, dict], tasks: Sequence[
 
 def evaluate(models: Sequence[ModelRef], args: argparse.Namespace) -> dict:
     """Every folder on the same synthesised clips, each next to faster-whisper (run once): {"models": {name: ...}}."""
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint
+    from processing.convert_ct2 import bundled_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="speech-translation-") as tmp:
         workdir = Path(tmp)

@@ -90,7 +90,7 @@ def whisper_folder(name_or_path: str) -> str:
     """A dense Whisper folder: the path given, or `bundled:<size>` converted once into the cache."""
     if not name_or_path.startswith("bundled:"):
         return name_or_path
-    from modeling_whisper_moe.convert_ct2 import bundled_checkpoint, convert_ct2
+    from processing.convert_ct2 import bundled_checkpoint, convert_ct2
 
     size = name_or_path.split(":", 1)[1]
     folder = CACHE_DIR / f"whisper-{size}"

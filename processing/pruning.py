@@ -4,20 +4,19 @@ Each sparse layer keeps its own `keep` most-used experts (their stacked weights 
 pruned model has `num_experts = keep` everywhere and routes among the survivors exactly as before, minus the others.
 """
 
-import csv
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from .audio import SAMPLING_RATE, load_audio
-from .modeling_whisper_moe import (
-    ENCODER_DOWNSAMPLING,
-    IGNORE_INDEX,
+from modeling_whisper_moe.audio import SAMPLING_RATE, load_audio
+from modeling_whisper_moe.modeling_whisper_moe import (
     WhisperMoEForConditionalGeneration,
     WhisperMoERouter,
     WhisperMoESparseBlock,
 )
+from processing.data import read_manifest
+from processing.routing import router_token_masks
 
 
 @torch.no_grad()
@@ -27,9 +26,8 @@ def routing_counts(
     """Routing slots given to each expert, per sparse block: {block name: (num_experts,) counts}.
 
     `batches` yields model inputs (`input_features` or text `input_ids`, with `labels` or `decoder_input_ids`); each
-    is run once. Only real tokens count: decoder positions whose label is not -100, text positions and mel frames
-    that `attention_mask` marks real (a 30 s window's padding is left out; a `variable_length_audio` model never
-    encodes it).
+    is run once. Only real tokens count (see `router_token_masks`): decoder positions whose label is not -100, text
+    positions and mel frames that `attention_mask` marks real (a 30 s window's padding is left out).
     """
     counts: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor | None] = {}
@@ -50,7 +48,7 @@ def routing_counts(
     try:
         model.eval()
         for batch in batches:
-            masks.update(_real_token_masks(model, batch))
+            masks.update(router_token_masks(model.config, batch))
             model(**batch)
     finally:
         for handle in handles:
@@ -58,37 +56,22 @@ def routing_counts(
     return counts
 
 
-def _real_token_masks(model: WhisperMoEForConditionalGeneration, batch: dict) -> dict[str, torch.Tensor | None]:
-    """(batch, positions) bool masks of the real tokens each side's routers see, or None where every one is."""
-    labels, attention_mask = batch.get("labels"), batch.get("attention_mask")
-    decoder = labels.ne(IGNORE_INDEX) if labels is not None and batch.get("decoder_input_ids") is None else None
-    if attention_mask is None or (batch.get("input_ids") is None and model.config.variable_length_audio):
-        encoder = None
-    elif batch.get("input_ids") is not None:
-        encoder = attention_mask.bool()
-    else:
-        encoder = attention_mask[:, ::ENCODER_DOWNSAMPLING].bool()  # one encoder position per two mel frames
-    return {"encoder": encoder, "decoder": decoder}
-
-
 def manifest_batches(
     manifest: Path, processor, limit: int, batch_size: int, split: str | None, real_frames_only: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Model inputs (features and teacher-forced labels) for the first `limit` rows of a path,text CSV (of `split`
-    when the CSV has a split column). `real_frames_only` adds the feature extractor's `attention_mask`, so that
-    `routing_counts` leaves the 30 s window's padding out of the encoder's counts."""
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle) if split is None or row.get("split") == split][:limit]
-    if not rows or not {"path", "text"} <= set(rows[0]):
-        raise ValueError(f"{manifest} has no rows with path and text columns (split={split!r})")
+    when given). `real_frames_only` adds the feature extractor's `attention_mask`, so that `routing_counts` leaves
+    the 30 s window's padding out of the encoder's counts."""
+    manifest_rows = read_manifest(manifest, split=split)
+    rows = manifest_rows.select(range(min(limit, len(manifest_rows))))
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        audio = [load_audio(manifest.parent / row["path"], SAMPLING_RATE) for row in chunk]
+        chunk = rows.select(range(start, min(start + batch_size, len(rows))))
+        audio = [load_audio(path, SAMPLING_RATE) for path in chunk["audio"]]
         features = processor.feature_extractor(
             audio, sampling_rate=SAMPLING_RATE, return_attention_mask=real_frames_only, return_tensors="pt"
         )
         # without <|startoftranscript|>: the model prepends it when it shifts the labels right
-        ids = [processor.tokenizer(" " + row["text"]).input_ids[1:] for row in chunk]
+        ids = [processor.tokenizer(" " + text).input_ids[1:] for text in chunk["text"]]
         labels = torch.full((len(ids), max(map(len, ids))), -100)
         for row, row_ids in enumerate(ids):
             labels[row, : len(row_ids)] = torch.tensor(row_ids)

@@ -35,6 +35,7 @@ from transformers import (
 __all__ = [
     "CT2FormatError",
     "bundled_checkpoint",
+    "bundled_folder",
     "convert_ct2",
     "ct2_to_hf_state_dict",
     "dequantize",
@@ -635,3 +636,18 @@ def bundled_checkpoint(name: str) -> Path:
         _model_bin_path(data_dirs[0])
         return data_dirs[0]
     return _assemble_split_checkpoint(name, data_dirs)
+
+
+BUNDLED_PREFIX = "bundled:"  # "bundled:base" names the bundled checkpoint, converted once
+
+
+def bundled_folder(name_or_path: str) -> str:
+    """A transformers Whisper folder: `name_or_path` itself, or for "bundled:<name>" the bundled CTranslate2
+    checkpoint converted once into the cache (`whisper-<name>`) and reused afterwards."""
+    if not name_or_path.startswith(BUNDLED_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUNDLED_PREFIX) :]
+    folder = _cache_root() / f"whisper-{name}"
+    if not (folder / "config.json").is_file():
+        convert_ct2(bundled_checkpoint(name), folder)
+    return str(folder)

