@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from transformers import Seq2SeqTrainingArguments
 
+from processing.lifelong import LifelongArguments
 from processing.recipes import RECIPES_DIR, parse_recipe
 from processing.tasks import task_names
 from processing.training import TRAINING_MODES
@@ -42,7 +43,9 @@ class ModelArguments:
     text_encoder_layers: int | None = field(
         default=None, metadata={"help": "encoder layers text runs through (text tasks; default: all)"}
     )
-    training_mode: str = field(default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}"})
+    training_mode: str = field(
+        default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}, lifelong (the newest experts only)"}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (training_mode=lora)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (training_mode=lora)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "must stay 0: expert adapters have no input"})
@@ -149,13 +152,14 @@ class RunArguments(NamedTuple):
     data: DataArguments
     tasks: TaskArguments
     budget: BudgetArguments
+    lifelong: LifelongArguments
     training: Seq2SeqTrainingArguments
     recipe: dict
 
 
 def parse_arguments(argv: list[str], default_recipe: Path = DEFAULT_RECIPE) -> RunArguments:
     """Recipe (first argument if it ends in .json, else the default recipe) overlaid with the flags."""
-    types = (ModelArguments, DataArguments, TaskArguments, BudgetArguments, Seq2SeqTrainingArguments)
+    types = (ModelArguments, DataArguments, TaskArguments, BudgetArguments, LifelongArguments, Seq2SeqTrainingArguments)
     parsed, recipe = parse_recipe(argv, types, default=default_recipe)
     return RunArguments(*parsed, recipe)
 

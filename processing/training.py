@@ -137,7 +137,7 @@ class WhisperMoETrainer(Seq2SeqTrainer):
             parts.update(self.loss_parts(outputs, inputs))
             parts.update(self.router_parts(outputs, inputs))
             for name, value in parts.items():
-                self._logged[prefix + name].append(float(value))
+                self._logged[prefix + name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_without_package
+from conftest import REPO_ROOT, TINY, run_without_package
 from transformers import (
     AutoModelForSpeechSeq2Seq,
     AutoModelForTextToSpectrogram,
@@ -265,9 +265,10 @@ result = {
 
 @pytest.fixture
 def recipe(data_dir, tmp_path) -> Path:
-    """A recipe file naming the shared data; the tests give sizes and steps as flags."""
+    """The multi-task recipe on the shared data; the tests give sizes and steps as flags."""
     settings = {
-        "asr_manifest": str(data_dir / "fsdd" / "manifest.csv"),
+        "base": str(REPO_ROOT / "configuration" / "recipes" / "multitask-digits.json"),
+        "train_manifest": str(data_dir / "fsdd" / "manifest.csv"),
         "report_to": "none",
         "save_strategy": "no",
         "text_pairs_csv": str(data_dir / "translation" / "tatoeba_en_de.csv"),
@@ -279,7 +280,7 @@ def recipe(data_dir, tmp_path) -> Path:
 
 
 def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, data_dir, recipe, tmp_path):
-    from scripts.train_multitask import main
+    from processing.train import main
 
     out = tmp_path / "generalist"
     tiny = ["--d_model", "32", "--ffn_dim", "48", "--encoder_layers", "1", "--decoder_layers", "1",
@@ -313,7 +314,7 @@ def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, da
 
 
 def test_task_plan_keeps_each_tasks_steps_when_some_are_picked():
-    from scripts.train_multitask import TaskArguments, task_plan
+    from processing.arguments import TaskArguments, task_plan
 
     listed = ["tts", "translation", "asr"]
     full = TaskArguments(tasks=listed, task_steps=[30, 20, 10], task_batch_sizes=[16, 32, 8])
@@ -330,14 +331,14 @@ def test_task_plan_keeps_each_tasks_steps_when_some_are_picked():
 
 
 def test_training_can_start_from_upcycled_whisper_base(base_moe, data_dir, recipe, tmp_path):
-    """--init_from: the generalist takes base's encoder, decoder and head; with a negligible learning rate it still
+    """--model_name_or_path: the generalist takes base's encoder, decoder and head; with a negligible learning rate it still
     transcribes real speech as base does, in 30 s windows, and the one folder also speaks."""
     from transformers import pipeline
 
-    from scripts.train_multitask import main
+    from processing.train import main
 
     out = tmp_path / "generalist-base"
-    main([str(recipe), "--output_dir", str(out), "--init_from", str(base_moe), "--text_encoder_layers", "2",
+    main([str(recipe), "--output_dir", str(out), "--model_name_or_path", str(base_moe), "--text_encoder_layers", "2",
           "--task_steps", "1", "1", "1", "--task_batch_sizes", "1", "2", "2", "--asr_synthetic_examples", "2",
           "--voices", "en-us", "--speeds", "160", "--pitches", "50", "--learning_rate", "1e-9"])  # fmt: skip
     model = WhisperMoEForSpeechAndText.from_pretrained(out)

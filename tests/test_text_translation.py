@@ -362,8 +362,7 @@ def test_prepared_pairs_and_collator(tiny_translation_folder, tmp_path):
 
 
 def test_train_script_on_text_pairs_writes_a_translating_folder(tiny_translation_folder, tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import train
+    from processing import train
 
     _write_pairs(tmp_path / "pairs.csv", 24)
     out = tmp_path / "out"

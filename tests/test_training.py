@@ -174,16 +174,17 @@ def test_two_process_ddp_on_cpu(tiny_random_moe, data_dir, tmp_path):
 
 
 def test_train_script_upcycles_dense_checkpoints_unless_told_not_to(tiny_en_dense, tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    from train import load_model, parse_arguments
+    from processing.arguments import parse_arguments
+    from processing.models import load_model
 
     common = ["--model_name_or_path", str(tiny_en_dense), "--output_dir", str(tmp_path)]
-    model_args, _, _, training_args, recipe = parse_arguments([*common, "--num_experts", "4"])
+    run = parse_arguments([*common, "--num_experts", "4"])
+    model_args, training_args, recipe = run.model, run.training, run.recipe
     assert recipe["path"].endswith("asr-finetune.json") and training_args.adam_beta2 == 0.98
-    upcycled, _ = load_model(model_args)
+    upcycled, _ = load_model(model_args, run.data, ["asr"])
     assert isinstance(upcycled, WhisperMoEForConditionalGeneration) and upcycled.config.num_experts == 4
-    dense_args = parse_arguments([*common, "--upcycle", "false"])[0]
-    dense, _ = load_model(dense_args)
+    dense_run = parse_arguments([*common, "--upcycle", "false"])
+    dense, _ = load_model(dense_run.model, dense_run.data, ["asr"])
     assert type(dense).__name__ == "WhisperForConditionalGeneration"
     with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
         parse_arguments([*common, "--no_such_flag", "1"])
