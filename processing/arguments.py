@@ -159,7 +159,8 @@ class RunArguments(NamedTuple):
 
 def parse_arguments(argv: list[str], default_recipe: Path = DEFAULT_RECIPE) -> RunArguments:
     """Recipe (first argument if it ends in .json, else the default recipe) overlaid with the flags."""
-    types = (ModelArguments, DataArguments, TaskArguments, BudgetArguments, LifelongArguments, Seq2SeqTrainingArguments)
+    types = (ModelArguments, DataArguments, TaskArguments, BudgetArguments, LifelongArguments,
+             Seq2SeqTrainingArguments)  # fmt: skip
     parsed, recipe = parse_recipe(argv, types, default=default_recipe)
     return RunArguments(*parsed, recipe)
 

@@ -144,7 +144,8 @@ def generalist(args: ModelArguments, whisper: str, num_voices: int) -> WhisperMo
         return pretrained_generalist(args, num_voices)
     source = WhisperConfig.from_pretrained(whisper)
     tokens = ("vocab_size", "num_mel_bins", "max_source_positions", "max_target_positions", "pad_token_id",
-              "bos_token_id", "eos_token_id", "decoder_start_token_id", "begin_suppress_tokens", "suppress_tokens")  # fmt: skip
+              "bos_token_id", "eos_token_id", "decoder_start_token_id", "begin_suppress_tokens",
+              "suppress_tokens")  # fmt: skip
     config = WhisperMoEConfig(
         **{key: getattr(source, key) for key in tokens},
         variable_length_audio=True,

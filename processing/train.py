@@ -73,7 +73,7 @@ def add_text_input(model, model_args: ModelArguments, tasks: list[str]) -> None:
 
 
 def choose_trained(model, model_args: ModelArguments, lifelong: LifelongArguments, seed: int):
-    """(model to train, the frozen rows of a lifelong phase or None): grow experts when asked, then pick what trains."""
+    """(model to train, frozen rows of a lifelong phase or None): grow experts when asked, then pick what trains."""
     if lifelong.grow_experts:
         grow_for_phase(model, lifelong, seed)
     if model_args.training_mode == "lifelong":
@@ -123,7 +123,7 @@ def single_task_trainer(name: str, context: TaskContext, run: RunArguments, froz
 
 def mixture_trainer(tasks: list[str], context: TaskContext, run: RunArguments, callbacks: list):
     """The trainer of a task mixture (one-task batches, each task's steps interleaved) and its plan."""
-    plan_args = TaskArguments(tasks=tasks, task_steps=run.tasks.task_steps, task_batch_sizes=run.tasks.task_batch_sizes)
+    plan_args = TaskArguments(tasks, run.tasks.task_steps, run.tasks.task_batch_sizes)
     steps, batch_sizes = task_plan(plan_args, run.recipe.get("tasks", tasks))
     if run.training.gradient_accumulation_steps != 1:
         raise ValueError("A task mixture steps one task per batch: gradient_accumulation_steps must be 1.")
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             gen_kwargs = None
         else:
             trainer, gen_kwargs = single_task_trainer(tasks[0], context, run, frozen_rows, callbacks)
-            plan = {tasks[0]: {"steps": training_args.max_steps, "batch_size": training_args.per_device_train_batch_size}}
+            batch_size = training_args.per_device_train_batch_size
+            plan = {tasks[0]: {"steps": training_args.max_steps, "batch_size": batch_size}}
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = {**result.metrics, "train_wall_seconds": round(time.perf_counter() - started, 1)}

@@ -331,8 +331,8 @@ def test_task_plan_keeps_each_tasks_steps_when_some_are_picked():
 
 
 def test_training_can_start_from_upcycled_whisper_base(base_moe, data_dir, recipe, tmp_path):
-    """--model_name_or_path: the generalist takes base's encoder, decoder and head; with a negligible learning rate it still
-    transcribes real speech as base does, in 30 s windows, and the one folder also speaks."""
+    """model_name_or_path: the generalist takes base's encoder, decoder and head; with a negligible learning rate it
+    still transcribes real speech as base does, in 30 s windows, and the one folder also speaks."""
     from transformers import pipeline
 
     from processing.train import main

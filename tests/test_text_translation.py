@@ -3,7 +3,6 @@ from a saved folder, the text-pair data path and train.py on text pairs."""
 
 import csv
 import json
-import sys
 
 import pytest
 import torch
