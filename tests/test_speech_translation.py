@@ -1,6 +1,6 @@
 """Speech translation and language identification of the upcycled multilingual base, from its saved folder alone,
 checked against faster-whisper running the same weights (the measurement on 80 sentences is
-scripts/evaluate_speech_translation.py)."""
+scripts/evaluate.py --tasks speech_translation)."""
 
 import numpy as np
 import pytest
