@@ -99,7 +99,7 @@ def single_task_trainer(name: str, context: TaskContext, run: RunArguments, froz
     task = get_task(name)
     data, collator = task.build_data(context), task.build_collator(context)
     train, kwargs = data.train, {}
-    if run.model.training_mode == "lifelong":
+    if frozen_rows is not None:  # a lifelong phase
         if run.lifelong.replay_manifest:
             train = with_replay(train, context, run.lifelong)
         collator = ReplayFlagCollator(collator)
@@ -128,9 +128,10 @@ def mixture_trainer(tasks: list[str], context: TaskContext, run: RunArguments, c
     if run.training.gradient_accumulation_steps != 1:
         raise ValueError("A task mixture steps one task per batch: gradient_accumulation_steps must be 1.")
     run.training.max_steps = sum(steps.values())
-    datasets = {name: get_task(name).build_data(context).train for name in steps}
-    collators = {name: get_task(name).build_collator(context) for name in steps}
-    speech_output = [name for name in steps if get_task(name).speech_output]
+    registered = {name: get_task(name) for name in steps}
+    datasets = {name: task.build_data(context).train for name, task in registered.items()}
+    collators = {name: task.build_collator(context) for name, task in registered.items()}
+    speech_output = [name for name, task in registered.items() if task.speech_output]
     mixture = TaskMixture(datasets)
     trainer = WhisperMoETrainer(
         model=context.model,
