@@ -10,13 +10,17 @@ ENGLISH_ONLY_VOCAB_SIZE = 51864  # the *.en Whisper checkpoints; multilingual on
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, active per token): active counts only `num_experts_per_tok` of each sparse layer's routed experts."""
-    total, inactive = 0, 0
-    config = model.config
-    for name, parameter in model.named_parameters():
-        total += parameter.numel()
-        if ".mlp.experts." in name:
-            inactive += parameter.numel() * (config.num_experts - config.num_experts_per_tok) // config.num_experts
+    """(total, active per token): of each sparse block's routed experts only the top-k of every expert group (the
+    base group and each growth phase's) count as active."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    inactive = 0
+    for block in model.modules():
+        router, experts = getattr(block, "router", None), getattr(block, "experts", None)
+        if router is None or experts is None or not hasattr(router, "groups"):
+            continue
+        routed = sum(top_k for _, top_k in router.groups)
+        rows = sum(parameter.numel() for parameter in experts.parameters())
+        inactive += rows * (router.num_experts - routed) // router.num_experts
     return total, total - inactive
 
 

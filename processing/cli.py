@@ -1,4 +1,5 @@
-"""`whisper-moe` command line: convert CTranslate2 checkpoints, upcycle dense Whisper, quantize, transcribe audio."""
+"""`whisper-moe` command line: convert CTranslate2 checkpoints, upcycle dense Whisper, grow experts, prune, quantize,
+transcribe audio."""
 
 import argparse
 import json
@@ -89,6 +90,35 @@ def _upcycle(args: argparse.Namespace) -> None:
         processor.save_pretrained(staging)
     total, active = count_parameters(model)
     print(f"Wrote {args.dst}: {total / 1e6:.1f} M parameters, {active / 1e6:.1f} M active per token", file=sys.stderr)
+
+
+def _add_experts(args: argparse.Namespace) -> None:
+    from modeling_whisper_moe.model_card import count_parameters
+    from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
+    from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
+
+    source = Path(args.src)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+    model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type != WhisperMoEConfig.model_type:  # a dense Whisper folder: upcycle it first (its layers may stay dense)
+        raise ValueError(f"{source} holds a {model_type!r} model; run `whisper-moe upcycle` on it first.")
+    if args.num_new < 1:
+        raise ValueError(f"--num-new must be at least 1, got {args.num_new}.")
+    model = WhisperMoEForConditionalGeneration.from_pretrained(source, dtype="float32")
+    before, _ = count_parameters(model)
+    model.add_experts(args.num_new, args.num_experts_per_tok, args.encoder_layers, args.decoder_layers, args.init,
+                      args.seed)  # fmt: skip
+    processor = WhisperMoEProcessor.from_pretrained(source)
+    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    phase = model.config.expert_growth[-1]
+    total, active = count_parameters(model)
+    print(f"Wrote {args.dst}: growth phase {len(model.config.expert_growth)} added {args.num_new} experts (top-"
+          f"{args.num_experts_per_tok}) to encoder layers {phase['encoder_layers']} and decoder layers "
+          f"{phase['decoder_layers']}; {before / 1e6:.1f} M -> {total / 1e6:.1f} M parameters, {active / 1e6:.1f} M "
+          "active per token; outputs unchanged until trained", file=sys.stderr)  # fmt: skip
 
 
 def _transcribe(args: argparse.Namespace) -> None:
@@ -198,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--decoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")
     upcycle.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
     upcycle.set_defaults(run=_upcycle)
+
+    grow = commands.add_parser("add-experts", help="append new experts to a WhisperMoE folder, outputs unchanged")
+    grow.add_argument("src", help="a float WhisperMoE folder (upcycled or fine-tuned)")
+    grow.add_argument("dst", help="output folder")
+    grow.add_argument("--num-new", type=int, required=True, help="experts added to each chosen layer")
+    grow.add_argument("--num-experts-per-tok", type=int, default=1, help="top-k among the new experts")
+    grow.add_argument("--encoder-layers", type=_layer_list, default=None, help="'all' sparse ones, 'none' or 0,2")
+    grow.add_argument("--decoder-layers", type=_layer_list, default=None, help="'all' sparse ones, 'none' or 0,2")
+    grow.add_argument("--init", default="copy", choices=["copy", "random"], help="new experts' input projection")
+    grow.add_argument("--seed", type=int, default=0)
+    grow.set_defaults(run=_add_experts)
 
     prune = commands.add_parser("prune-experts", help="keep each sparse layer's most-used experts")
     prune.add_argument("src", help="a WhisperMoE folder")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, TINY_FRAMES, tiny_moe, tiny_moe_config
+from conftest import TINY, TINY_FRAMES, run_without_package, tiny_moe, tiny_moe_config
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration
 from modeling_whisper_moe.growth import grow_experts, previous_model
@@ -172,3 +172,49 @@ def test_router_losses_balance_the_base_group_with_its_own_top_k_when_a_dense_la
     dense_made_sparse, sparse = torch.randn(6, 3), torch.randn(6, 4)
     balance, _ = grown_router_losses((dense_made_sparse, sparse), groups)
     torch.testing.assert_close(balance, load_balancing_loss((sparse,), 4, 2))
+
+
+GROWN_REMOTE_SCRIPT = """
+from transformers import pipeline
+
+data, folders = sys.argv[1], sys.argv[2:]
+clips = [data + "/misc/jfk.flac", data + "/librispeech/test-other/1688/142285/1688-142285-0000.flac"]
+result = {}
+for folder in folders:
+    asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+    result[folder] = {"texts": [asr(clip)["text"] for clip in clips], "module": type(asr.model).__module__,
+                      "routers": sorted({len(m.groups) for m in asr.model.modules() if type(m).__name__ == "WhisperMoERouter"})}
+"""
+
+
+@pytest.mark.slow
+def test_add_experts_cli_keeps_real_transcripts_through_the_remote_pipeline(tiny_en_moe, data_dir, tmp_path):
+    """`whisper-moe add-experts` on real tiny.en 8x2, freshly upcycled and with experts that differ as after
+    fine-tuning: the grown folders transcribe real speech exactly as their sources, from the folder's code alone."""
+    from processing.cli import main as cli
+
+    from modeling_whisper_moe import WhisperMoEProcessor
+
+    fine_tuned = tmp_path / "fine-tuned"
+    model = WhisperMoEForConditionalGeneration.from_pretrained(tiny_en_moe)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # experts (not routers) made to differ a little, as fine-tuning leaves them
+        for name, parameter in model.named_parameters():
+            if ".mlp.experts." in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std() * 0.05)
+    model.save_pretrained(fine_tuned)
+    WhisperMoEProcessor.from_pretrained(tiny_en_moe).save_pretrained(fine_tuned)
+    pairs = []
+    for source, layers in ((tiny_en_moe, ["--encoder-layers", "none"]), (fine_tuned, ["--encoder-layers", "1,3"])):
+        grown = tmp_path / f"{source.name}-grown"
+        assert cli(["add-experts", str(source), str(grown), "--num-new", "2", "--init", "random", *layers]) == 0
+        pairs.append((source, grown))
+    assert cli(["add-experts", str(tiny_en_moe), str(tmp_path / "bad"), "--num-new", "0"]) == 1
+    assert not (tmp_path / "bad").exists()
+    remote = run_without_package(GROWN_REMOTE_SCRIPT, data_dir, *[str(f) for pair in pairs for f in pair], tmp_path=tmp_path)
+    assert remote["leaked"] == []
+    for source, grown in pairs:
+        assert remote[str(grown)]["texts"] == remote[str(source)]["texts"]
+        assert remote[str(grown)]["module"].startswith("transformers_modules")
+        assert remote[str(source)]["routers"] == [1] and remote[str(grown)]["routers"] == [1, 2]
+    assert "And so my fellow Americans" in remote[str(pairs[0][0])]["texts"][0]
