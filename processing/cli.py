@@ -101,7 +101,7 @@ def _add_experts(args: argparse.Namespace) -> None:
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
     model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type != WhisperMoEConfig.model_type:  # a dense Whisper folder: upcycle it first (its layers may stay dense)
+    if model_type != WhisperMoEConfig.model_type:  # dense Whisper: upcycle first (its layers may stay dense)
         raise ValueError(f"{source} holds a {model_type!r} model; run `whisper-moe upcycle` on it first.")
     if args.num_new < 1:
         raise ValueError(f"--num-new must be at least 1, got {args.num_new}.")

@@ -182,8 +182,9 @@ clips = [data + "/misc/jfk.flac", data + "/librispeech/test-other/1688/142285/16
 result = {}
 for folder in folders:
     asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+    routers = [m for m in asr.model.modules() if type(m).__name__ == "WhisperMoERouter"]
     result[folder] = {"texts": [asr(clip)["text"] for clip in clips], "module": type(asr.model).__module__,
-                      "routers": sorted({len(m.groups) for m in asr.model.modules() if type(m).__name__ == "WhisperMoERouter"})}
+                      "routers": sorted({len(router.groups) for router in routers})}
 """
 
 
@@ -191,9 +192,8 @@ for folder in folders:
 def test_add_experts_cli_keeps_real_transcripts_through_the_remote_pipeline(tiny_en_moe, data_dir, tmp_path):
     """`whisper-moe add-experts` on real tiny.en 8x2, freshly upcycled and with experts that differ as after
     fine-tuning: the grown folders transcribe real speech exactly as their sources, from the folder's code alone."""
-    from processing.cli import main as cli
-
     from modeling_whisper_moe import WhisperMoEProcessor
+    from processing.cli import main as cli
 
     fine_tuned = tmp_path / "fine-tuned"
     model = WhisperMoEForConditionalGeneration.from_pretrained(tiny_en_moe)
@@ -211,7 +211,8 @@ def test_add_experts_cli_keeps_real_transcripts_through_the_remote_pipeline(tiny
         pairs.append((source, grown))
     assert cli(["add-experts", str(tiny_en_moe), str(tmp_path / "bad"), "--num-new", "0"]) == 1
     assert not (tmp_path / "bad").exists()
-    remote = run_without_package(GROWN_REMOTE_SCRIPT, data_dir, *[str(f) for pair in pairs for f in pair], tmp_path=tmp_path)
+    folders = [str(folder) for pair in pairs for folder in pair]
+    remote = run_without_package(GROWN_REMOTE_SCRIPT, data_dir, *folders, tmp_path=tmp_path)
     assert remote["leaked"] == []
     for source, grown in pairs:
         assert remote[str(grown)]["texts"] == remote[str(source)]["texts"]
