@@ -22,6 +22,13 @@ class WhisperMoEConfig(WhisperConfig):
         token grows only with `num_experts_per_tok`.
     num_experts_per_tok (`int`, defaults to 2):
         Experts each token is sent to (top-k). Two keeps a second opinion per token at twice a dense block's cost.
+    expert_segments (`int`, defaults to 1):
+        DeepSeek-MoE fine-grained experts: each routed expert is `1 / expert_segments` of the dense block's width
+        (`encoder_ffn_dim / expert_segments` hidden units), which must divide both ffn dims. `num_experts` and
+        `num_experts_per_tok` count these narrow experts: upcycling and recipe presets name coarse experts instead
+        (copies of the dense block) and multiply both counts by `expert_segments`, so 8 experts top-2 in 4 segments
+        become 32 experts top-8 with the same active parameters and finer combinations. Shared experts and dense
+        layers keep the full width. Folders saved before this field existed load with 1.
     encoder_sparse_layers (`list[int]`, *optional*):
         Indices of encoder layers whose feed-forward block is sparse. `None` makes every encoder layer sparse; `[]`
         keeps the encoder dense.
@@ -117,6 +124,7 @@ class WhisperMoEConfig(WhisperConfig):
 
     num_experts: int = 8
     num_experts_per_tok: int = 2
+    expert_segments: int = 1
     encoder_sparse_layers: list[int] | None = None
     decoder_sparse_layers: list[int] | None = None
     norm_topk_prob: bool = True
@@ -163,6 +171,7 @@ class WhisperMoEConfig(WhisperConfig):
                 f"num_experts_per_tok must be between 1 and num_experts={self.num_experts}, "
                 f"got {self.num_experts_per_tok}."
             )
+        self.check_expert_segments()
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be 0 or more, got {self.num_shared_experts}.")
         for name in (
@@ -199,6 +208,19 @@ class WhisperMoEConfig(WhisperConfig):
                     f"{side}_sparse_layers names layers {unknown}, but the {side} has layers 0..{num_layers - 1}."
                 )
 
+    def check_expert_segments(self) -> None:
+        """Raise `ValueError` naming the value unless `expert_segments` is at least 1 and divides both ffn dims."""
+        if self.expert_segments < 1:
+            raise ValueError(f"expert_segments must be at least 1, got {self.expert_segments}.")
+        for side in ("encoder", "decoder"):
+            ffn_dim = getattr(self, f"{side}_ffn_dim")
+            if ffn_dim % self.expert_segments:
+                raise ValueError(f"expert_segments must divide {side}_ffn_dim={ffn_dim}, got {self.expert_segments}.")
+
+    def expert_ffn_dim(self, ffn_dim: int) -> int:
+        """Hidden units of each routed expert in a layer whose dense block has `ffn_dim`."""
+        return ffn_dim // self.expert_segments
+
     def check_quantization(self) -> None:
         """Raise `ValueError` naming the offending value if `quantization` is not None or {"dtype": one of
         QUANTIZATION_DTYPES, optionally "float_embeddings": bool}."""
@@ -233,6 +255,20 @@ class WhisperMoEConfig(WhisperConfig):
                         f"an expert_growth phase names {side} layers {unknown}, but the {side} has layers "
                         f"0..{num_layers - 1}."
                     )
+                self._check_growth_of_dense_layers(side, phase[f"{side}_layers"])
+
+    def _check_growth_of_dense_layers(self, side: str, grown: list[int]) -> None:
+        # a dense layer that grows keeps its block as one full-width expert, which cannot be stacked with experts
+        # 1 / expert_segments as wide
+        sparse = getattr(self, f"{side}_sparse_layers")
+        if sparse is None or self.expert_segments == 1:
+            return
+        dense = sorted(set(grown) - set(sparse))
+        if dense:
+            raise ValueError(
+                f"an expert_growth phase names dense {side} layers {dense}, but with expert_segments="
+                f"{self.expert_segments} only sparse layers can grow."
+            )
 
     def is_sparse_layer(self, side: str, layer_idx: int) -> bool:
         """Whether layer `layer_idx` of `side` ("encoder" or "decoder") has a sparse feed-forward block, from the

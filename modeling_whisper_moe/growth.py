@@ -6,7 +6,8 @@ routed exactly as before, and gets the phase's top-k as well, weighted by their 
 learned null logit (see `WhisperMoERouter`). The new experts start with a zero output projection, so the grown model
 computes what its source computed, bit for bit, until it is trained; their input projection starts as a copy of
 an old expert's (`init="copy"`) or random (`init="random"`). A dense layer that grows becomes sparse: its block is
-the single expert of the base group.
+the single expert of the base group. In a model with fine-grained experts (`expert_segments` > 1) new experts have
+the old ones' narrow width, and only sparse layers can grow.
 
 The previous model is the grown one with its newest phase switched off (`previous_model`), as long as the old
 parameters stay frozen: distillation against it needs no second copy of the model.
@@ -56,14 +57,19 @@ def grow_experts(
     }
     if not phase["encoder_layers"] and not phase["decoder_layers"]:
         raise ValueError("grow_experts was given no layer to grow (the model has no sparse layer; name some).")
-    config.expert_growth = [*(config.expert_growth or []), phase]
-    config.check_growth()
+    previous = config.expert_growth
+    config.expert_growth = [*(previous or []), phase]
+    try:
+        config.check_growth()
+    except ValueError:
+        config.expert_growth = previous  # the model stays as it was
+        raise
     generator = torch.Generator().manual_seed(seed)
     for side in SIDES:
-        layers = _stack(model, side).layers
+        layers, ffn_dim = _stack(model, side).layers, getattr(config, f"{side}_ffn_dim")
         for idx in chosen[side]:
             groups, phases = config.expert_groups(side, idx), config.growth_phases(side, idx)
-            layers[idx].mlp = _grown_block(layers[idx].mlp, config, groups, phases, init, generator)
+            layers[idx].mlp = _grown_block(layers[idx].mlp, config, ffn_dim, groups, phases, init, generator)
     return model
 
 
@@ -80,17 +86,19 @@ def _stack(model: nn.Module, side: str) -> nn.Module:
 def _grown_block(
     old: nn.Module,
     config: WhisperMoEConfig,
+    ffn_dim: int,
     groups: list[tuple[int, int]],
     phases: list[int],
     init: str,
     generator: torch.Generator,
 ) -> WhisperMoESparseBlock:
     """A sparse block with `groups` whose old experts, router rows and null logits are `old`'s (a sparse block, or a
-    dense one that becomes the single base expert) and whose newest group starts with zero output."""
+    dense one that becomes the single base expert) and whose newest group starts with zero output. `ffn_dim`: the
+    layer's dense width (new experts get the old ones' width, a segment of it with `expert_segments`)."""
     if isinstance(old, WhisperMoEMLP):
         old = _as_single_expert(old, config)
     reference = old.experts.fc1_weight
-    block = WhisperMoESparseBlock(config, reference.shape[1], groups, phases).to(reference.device, reference.dtype)
+    block = WhisperMoESparseBlock(config, ffn_dim, groups, phases).to(reference.device, reference.dtype)
     block.train(old.training)
     num_old, num_new = old.router.num_experts, groups[-1][0]
     for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):

@@ -51,8 +51,8 @@ def model_card(model: torch.nn.Module, training: dict | None = None) -> str:
         metadata.append(f"base_model: {source}")
     metadata.append("---")
     how_made = (
-        f"Upcycled from the dense Whisper checkpoint `{source}`: every expert started as a copy of its feed-forward "
-        "block, so before any training this model transcribes exactly like its source."
+        f"Upcycled from the dense Whisper checkpoint `{source}`: every expert started as "
+        f"{_expert_origin(config)}, so before any training this model transcribes exactly like its source."
         if source
         else "Built from a WhisperMoE configuration."
     )
@@ -67,7 +67,7 @@ Whisper with sparse Mixture-of-Experts feed-forward blocks: in each sparse layer
 | parameters | {total / 1e6:.1f} M in total, {active / 1e6:.1f} M active per token |
 | encoder sparse layers | {_sparse_layers(config, "encoder")} of {config.encoder_layers} |
 | decoder sparse layers | {_sparse_layers(config, "decoder")} of {config.decoder_layers} |
-| d_model / expert width | {config.d_model} / {config.encoder_ffn_dim} |
+| d_model / expert width | {config.d_model} / {config.expert_ffn_dim(config.encoder_ffn_dim)} |
 
 {how_made}
 
@@ -136,7 +136,14 @@ English normalisation.
 """
 
 
+def _expert_origin(config: WhisperMoEConfig) -> str:
+    if config.expert_segments == 1:
+        return "a copy of its feed-forward block"
+    return f"one of {config.expert_segments} slices of a copy of its feed-forward block (the slices add up to it)"
+
+
 def _shared_note(config: WhisperMoEConfig) -> str:
+    segments = "" if config.expert_segments == 1 else f" (fine-grained: each 1/{config.expert_segments} of a block)"
     if config.num_shared_experts == 0:
-        return ""
-    return f", and {config.num_shared_experts} shared expert(s) see every token"
+        return segments
+    return f"{segments}, and {config.num_shared_experts} shared expert(s) see every token"

@@ -283,7 +283,8 @@ EXPERTS_FUNCTIONS = WhisperMoEExpertsInterface()
 
 @use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS, has_gate=False, has_bias=True)
 class WhisperMoEExperts(nn.Module):
-    """`num_experts` copies of Whisper's feed-forward block (fc1 -> activation -> fc2), stored as stacked tensors.
+    """`num_experts` feed-forward blocks like Whisper's (fc1 -> activation -> fc2) of `ffn_dim` hidden units (the
+    dense width, or a segment of it with `config.expert_segments`), stored as stacked tensors.
 
     transformers' `use_experts_implementation` dispatches the forward on `config._experts_implementation` (see
     `WhisperMoEConfig.experts_implementation`): "grouped" (default), "loop" (the reference), or transformers' own
@@ -352,7 +353,9 @@ class WhisperMoEMLP(nn.Module):
 class WhisperMoESparseBlock(nn.Module):
     """Router -> top-k experts -> weighted sum, plus the shared experts when the config has them.
 
-    `groups`: see `WhisperMoERouter`; the experts of all groups are stacked in one `WhisperMoEExperts`.
+    `ffn_dim` is the layer's dense width: each routed expert has `config.expert_ffn_dim(ffn_dim)` hidden units, the
+    fused shared experts `num_shared_experts * ffn_dim`. `groups`: see `WhisperMoERouter`; the experts of all groups
+    are stacked in one `WhisperMoEExperts`.
     """
 
     def __init__(
@@ -364,7 +367,7 @@ class WhisperMoESparseBlock(nn.Module):
     ):
         super().__init__()
         self.router = WhisperMoERouter(config, groups, phases)
-        self.experts = WhisperMoEExperts(config, ffn_dim, self.router.num_experts)
+        self.experts = WhisperMoEExperts(config, config.expert_ffn_dim(ffn_dim), self.router.num_experts)
         self.shared_experts = (
             WhisperMoEMLP(config, ffn_dim * config.num_shared_experts) if config.num_shared_experts > 0 else None
         )
@@ -846,8 +849,10 @@ class WhisperMoEForConditionalGeneration(
 
         `moe_options` are WhisperMoEConfig fields (num_experts, num_experts_per_tok, encoder_sparse_layers, ...).
         Every expert is a copy of the dense feed-forward block and routers are drawn with `seed`, so the result's
-        logits equal the source's. The source's generation config (languages, tasks, suppressed tokens, alignment
-        heads) comes along. `text_frontend=True` adds a text front-end (see `add_text_frontend`).
+        logits equal the source's; with `expert_segments=m` each copy is split into m narrower experts and
+        num_experts / num_experts_per_tok are multiplied by m (see `upcycling.split_experts`). The source's
+        generation config (languages, tasks, suppressed tokens, alignment heads) comes along. `text_frontend=True`
+        adds a text front-end (see `add_text_frontend`).
         """
         return upcycle(cls, dense, seed, text_frontend, max_text_positions, **moe_options)
 

@@ -34,6 +34,9 @@ class ModelArguments:
     moe: str | None = field(default=None, metadata={"help": "a preset of configuration/presets (name or path)"})
     num_experts: int | None = field(default=None, metadata={"help": "experts per sparse layer (config default)"})
     num_experts_per_tok: int | None = field(default=None, metadata={"help": "top-k routing (config default)"})
+    expert_segments: int | None = field(
+        default=None, metadata={"help": "split each expert into this many, 1/m as wide, top-(k*m) (fine-grained)"}
+    )
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the config's value"})
     router_z_loss_coef: float | None = field(default=None, metadata={"help": "override the config's value"})
     router_jitter_noise: float | None = field(default=None, metadata={"help": "override the config's value"})

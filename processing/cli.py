@@ -44,6 +44,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 _MOE_FLAGS = {
     "num_experts": "num_experts",
     "num_experts_per_tok": "num_experts_per_tok",
+    "expert_segments": "expert_segments",
     "shared_experts": "num_shared_experts",
     "encoder_sparse_layers": "encoder_sparse_layers",
     "decoder_sparse_layers": "decoder_sparse_layers",
@@ -81,7 +82,9 @@ def _upcycle(args: argparse.Namespace) -> None:
     options = _moe_options(args)
     num_experts = options.get("num_experts", MOE_DEFAULTS.num_experts)
     top_k = options.get("num_experts_per_tok", MOE_DEFAULTS.num_experts_per_tok)
-    print(f"Upcycling {source} to {num_experts} experts, top-{top_k} ...", file=sys.stderr)
+    segments = options.get("expert_segments", MOE_DEFAULTS.expert_segments)
+    split = f", each split in {segments} (= {num_experts * segments}, top-{top_k * segments})" if segments > 1 else ""
+    print(f"Upcycling {source} to {num_experts} experts, top-{top_k}{split} ...", file=sys.stderr)
     dense = WhisperForConditionalGeneration.from_pretrained(source)
     model = WhisperMoEForConditionalGeneration.from_dense(dense, seed=args.seed, **options)
     processor = WhisperMoEProcessor.from_pretrained(source)
@@ -222,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--num-experts", type=int, default=_UNSET, help=f"default {MOE_DEFAULTS.num_experts}")
     upcycle.add_argument(
         "--num-experts-per-tok", type=int, default=_UNSET, help=f"top-k, default {MOE_DEFAULTS.num_experts_per_tok}"
+    )
+    upcycle.add_argument(
+        "--expert-segments",
+        type=int,
+        default=_UNSET,
+        help="split each expert into this many experts of 1/m the width, routed top-(k*m) (fine-grained); default 1",
     )
     upcycle.add_argument("--shared-experts", type=int, default=_UNSET, help="always-on experts per sparse layer")
     upcycle.add_argument("--encoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")

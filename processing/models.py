@@ -7,7 +7,9 @@
 - tts with a text-output task: `WhisperMoEForSpeechAndText`, random weights, or with `model_name_or_path` the
   encoder, decoder and head of that Whisper / WhisperMoE folder (only the speech-output heads start random).
 
-MoE settings come from `WhisperMoEConfig`'s defaults, then the recipe's `moe` preset, then the explicit fields.
+MoE settings come from `WhisperMoEConfig`'s defaults, then the recipe's `moe` preset, then the explicit fields. Their
+expert counts are coarse ones, split by `expert_segments` (see `upcycling.segmented_options`), whether upcycled or
+random.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from transformers import AutoTokenizer, GenerationConfig, WhisperConfig, Whisper
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor
 from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAndText, WhisperMoEForTextToSpeech
+from modeling_whisper_moe.upcycling import segmented_options
 from processing.arguments import MODEL_CLASSES, DataArguments, ModelArguments
 from processing.convert_ct2 import bundled_folder
 from processing.recipes import PRESETS_DIR, find_configuration
 from processing.tasks import get_task
 from processing.tasks.tts import num_speakers
 
-MOE_FIELDS = ("num_experts", "num_experts_per_tok")  # MoE fields ModelArguments can set directly
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "expert_segments")  # MoE fields ModelArguments can set
 TRAINING_OVERRIDES = ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "variable_length_audio")
 ARCHITECTURE_FIELDS = {  # ModelArguments field -> the WhisperMoEConfig fields it sets (random weights only)
     "d_model": ("d_model",),
@@ -119,7 +122,8 @@ def speech_to_text_model(args: ModelArguments):
 def _architecture(args: ModelArguments) -> dict:
     """WhisperMoEConfig fields of a model with random weights: the recipe's architecture and MoE settings."""
     fields = {key: getattr(args, name) for name, keys in ARCHITECTURE_FIELDS.items() for key in keys}
-    return {**{key: value for key, value in fields.items() if value is not None}, **moe_options(args)}
+    architecture = {key: value for key, value in fields.items() if value is not None}
+    return {**architecture, **segmented_options(moe_options(args))}
 
 
 def tts_config(args: ModelArguments, tokenizer, num_voices: int) -> WhisperMoEConfig:

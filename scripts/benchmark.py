@@ -2,18 +2,24 @@
 """Speed of WhisperMoE next to the dense Whisper it came from, side by side in one process.
 
     python scripts/benchmark.py --dense checkpoints/whisper-tiny.en --moe checkpoints/whisper-moe-tiny.en
+    python scripts/benchmark.py --dense checkpoints/whisper-tiny.en --variants 8x2 8x2-seg4 8x1-shared1
 
 Measures, each as a median over repeats and as a ratio to its baseline:
 - expert dispatch: forward + backward of one sparse block over N tokens, grouped vs the per-expert loop;
 - transcription through the ASR pipeline on real speech (real-time factor, tokens per second): dense, MoE with
   each expert implementation, and faster-whisper on a CTranslate2 checkpoint when given;
 - one training step (forward + backward + AdamW) with the encoder frozen and in full, MoE vs dense.
+With --variants, only this instead: MoE variants upcycled in memory from --dense (coarse, fine-grained with
+`expert_segments`, with shared experts), their sizes, then each one's transcription of the same clips at each of
+--variant-batches and one training step on the same batch (frozen encoder, as configuration/recipes/asr-finetune.json),
+as ratios to the first variant, the dense source alongside.
 Prints a markdown table and writes JSON. A benchmark, not a test: numbers depend on the machine and its load.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import threading
@@ -33,7 +39,9 @@ from modeling_whisper_moe import (
     load_audio,
 )
 from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS
+from modeling_whisper_moe.model_card import count_parameters
 from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
+from modeling_whisper_moe.pipeline_whisper_moe import WhisperMoEASRPipeline
 from modeling_whisper_moe.processing_whisper_moe import log_mel_30s
 from processing import read_manifest
 from processing.metrics import english_normalizer, error_rates
@@ -48,6 +56,9 @@ MEMORY_SAMPLE_S = 0.005  # resident-memory sampling period
 SHORT_CLIP_TOKENS = 16  # a spoken digit is 1-3 tokens; the cap keeps a hallucinating model from running to 448
 MEL_FRAMES = 3000  # a 30 s window
 TRAIN_LABEL_TOKENS = 24  # label length of the synthetic training batch
+VARIANT_PATTERN = re.compile(r"(\d+)x(\d+)(?:-seg(\d+))?(?:-shared(\d+))?")  # ExK[-segM][-sharedS]
+# all but the last have the active parameters of two dense blocks per token; 8x2-shared1 (the shared preset) has three
+DEFAULT_VARIANTS = ("8x2", "8x2-seg4", "8x1-shared1", "8x1-seg4-shared1", "8x2-shared1")
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -116,19 +127,26 @@ def bench_transcription(models: dict[str, str], ct2: str | None, manifest: Path,
         asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
         if implementation:
             asr.model.set_experts_implementation(implementation)
-        _transcribe(asr, audio[:1], batch)  # warm-up
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            texts = _transcribe(asr, audio, batch)
-            seconds = time.perf_counter() - start
-        tokens = sum(len(asr.tokenizer(text).input_ids) for text in texts)
-        rows.append({"benchmark": f"transcribe {limit} clips ({audio_seconds:.0f} s)", "system": name,
-                     "seconds": seconds, "rtf": seconds / audio_seconds, "tokens_per_s": tokens / seconds,
-                     "peak_mb": memory.megabytes, "wer": _word_error_rate(dataset["text"], texts)})  # fmt: skip
+        benchmark = f"transcribe {limit} clips ({audio_seconds:.0f} s)"
+        rows.append(_transcription_row(asr, benchmark, name, audio, list(dataset["text"]), batch))
     if ct2:
         for compute_type in ("default", "int8"):
             rows.append(_faster_whisper_row(ct2, audio, list(dataset["text"]), audio_seconds, limit, compute_type))
     return _with_ratio(rows, baseline="dense")
+
+
+def _transcription_row(asr, benchmark: str, system: str, audio: list[np.ndarray], references: list[str], batch: int):
+    """Time one pipeline transcribing `audio` at `batch` (after a one-clip warm-up): a row of the speed table."""
+    audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
+    _transcribe(asr, audio[:1], batch)  # warm-up
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        texts = _transcribe(asr, audio, batch)
+        seconds = time.perf_counter() - start
+    tokens = sum(len(asr.tokenizer(text).input_ids) for text in texts)
+    return {"benchmark": benchmark, "system": system, "seconds": seconds, "rtf": seconds / audio_seconds,
+            "tokens_per_s": tokens / seconds, "peak_mb": memory.megabytes,
+            "wer": _word_error_rate(references, texts)}  # fmt: skip
 
 
 def _faster_whisper_row(
@@ -283,10 +301,89 @@ def bench_short_clip_training(moe_folder: str, manifest: Path, batch: int, repea
     return _with_ratio(rows, "30 s padding")
 
 
+def variant_options(name: str) -> dict:
+    """Upcycling options of a variant named ExK[-segM][-sharedS]: E experts top-K (coarse, the dense block's width),
+    each split into M fine-grained ones, plus S shared experts; e.g. 8x2, 8x2-seg4, 8x1-seg4-shared1."""
+    match = VARIANT_PATTERN.fullmatch(name)
+    if match is None:
+        raise ValueError(f"variant {name!r} is not ExK[-segM][-sharedS], e.g. 8x2, 8x2-seg4 or 8x1-shared1")
+    experts, top_k, segments, shared = match.groups()
+    return {"num_experts": int(experts), "num_experts_per_tok": int(top_k),
+            "expert_segments": int(segments or 1), "num_shared_experts": int(shared or 0)}  # fmt: skip
+
+
+def _size_row(system: str, model: torch.nn.Module) -> dict:
+    total, active = count_parameters(model)
+    config = model.config
+    experts = getattr(config, "num_experts", None)
+    width = config.expert_ffn_dim(config.encoder_ffn_dim) if experts else config.encoder_ffn_dim
+    return {"system": system, "experts": experts, "top_k": getattr(config, "num_experts_per_tok", None),
+            "shared": getattr(config, "num_shared_experts", None), "expert_width": width,
+            "total_m": total / 1e6, "active_m": active / 1e6}  # fmt: skip
+
+
+def _variant_train_row(model: torch.nn.Module, system: str, batch: int, repeats: int) -> dict:
+    """One frozen-encoder training step (the ASR fine-tune recipe's mode) on a synthetic batch of 30 s windows."""
+    config = model.config
+    generator = torch.Generator().manual_seed(0)  # every system trains on the same batch
+    features = torch.randn(batch, config.num_mel_bins, MEL_FRAMES, generator=generator)
+    labels = torch.randint(0, config.vocab_size, (batch, TRAIN_LABEL_TOKENS), generator=generator)
+    model = apply_training_mode(model.train(), "freeze_encoder")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    seconds = median_seconds(partial(_train_step, model, optimizer, features, labels), repeats)
+    return {"benchmark": f"train step, batch {batch}, freeze_encoder", "system": system, "seconds": seconds}
+
+
+def bench_variants(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(sizes, speed rows) of the dense source and each MoE variant, upcycled in memory from --dense one at a time;
+    every system transcribes the same clips through the same pipeline class at each batch size, then trains."""
+    dataset = read_manifest(args.manifest).select(range(args.limit))
+    audio, references = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]], list(dataset["text"])
+    audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
+    processor = WhisperMoEProcessor.from_pretrained(args.dense)
+    implementation = {"experts_implementation": args.experts_implementation} if args.experts_implementation else {}
+    builders = {"dense": partial(WhisperForConditionalGeneration.from_pretrained, args.dense)}
+    for name in args.variants:  # from the folder each time: training steps must not touch the next one's weights
+        options = {**variant_options(name), **implementation}
+        builders[name] = partial(WhisperMoEForConditionalGeneration.from_dense, args.dense, **options)
+    sizes, transcription, training = [], {batch: [] for batch in args.variant_batches}, []
+    for system, build in builders.items():
+        model = build().eval()
+        sizes.append(_size_row(system, model))
+        asr = WhisperMoEASRPipeline(model=model, tokenizer=processor.tokenizer,
+                                    feature_extractor=processor.feature_extractor)  # fmt: skip
+        for batch, rows in transcription.items():
+            benchmark = f"transcribe {args.limit} clips ({audio_seconds:.0f} s), batch {batch}"
+            rows.append(_transcription_row(asr, benchmark, system, audio, references, batch))
+        training.append(_variant_train_row(model, system, args.train_batch, args.repeats))
+        del asr, model
+    baseline = args.variants[0]
+    speed = [row for rows in transcription.values() for row in _with_ratio(rows, baseline)]
+    return sizes, speed + _with_ratio(training, baseline)
+
+
+def sizes_markdown(sizes: list[dict]) -> str:
+    lines = ["| system | experts | top-k | shared | expert width | parameters M | active M |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in sizes:
+        cells = [row["system"], *(str(row[key]) if row[key] is not None else "" for key in ("experts", "top_k",
+                 "shared", "expert_width")), f"{row['total_m']:.1f}", f"{row['active_m']:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="dense Whisper folder (the upcycling source)")
-    parser.add_argument("--moe", required=True, help="WhisperMoE folder upcycled from --dense")
+    parser.add_argument("--moe", help="WhisperMoE folder upcycled from --dense (needed unless --variants)")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        help=f"compare MoE variants ExK[-segM][-sharedS] upcycled from --dense instead (none named: "
+        f"{' '.join(DEFAULT_VARIANTS)}); ratios are to the first",
+    )
+    parser.add_argument("--variant-batches", type=int, nargs="+", default=[1, 8], help="batch sizes (--variants)")
+    parser.add_argument("--experts-implementation", choices=EXPERTS_IMPLEMENTATIONS, help="of the variants")
     parser.add_argument("--faster-whisper", metavar="CT2_DIR", help="also time faster-whisper on this checkpoint")
     parser.add_argument("--int8", metavar="INT8_DIR", help="also time this folder (`whisper-moe quantize` of --moe)")
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
@@ -299,11 +396,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--short-limit", type=int, default=64, help="short clips to encode and transcribe")
     parser.add_argument("--packed-moe", help="a WhisperMoE fine-tuned with variable_length_audio (short clips)")
     parser.add_argument("--output-json", type=Path)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.variants is None and args.moe is None:
+        parser.error("give --moe (the full benchmark) or --variants (the MoE variants comparison)")
+    if args.variants is not None:
+        args.variants = args.variants or list(DEFAULT_VARIANTS)
+        for name in args.variants:
+            variant_options(name)  # a typo fails before the slow part
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.variants is not None:
+        sizes, rows = bench_variants(args)
+        print(sizes_markdown(sizes) + "\n\n" + markdown(rows))
+        _write_json(args, rows, sizes=sizes)
+        return 0
     moe_config = WhisperMoEConfig.from_pretrained(args.moe)
     rows = bench_dispatch(args.dispatch_tokens, moe_config.d_model, moe_config.encoder_ffn_dim, args.repeats)
     models = {"dense": (args.dense, None)}
@@ -315,11 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     rows += bench_short_clips(args.moe, args.packed_moe, args.short_clips, args.short_limit, args.batch_size)
     rows += bench_short_clip_training(args.moe, args.short_clips, args.train_batch * 2, args.repeats)
     print(markdown(rows))
+    _write_json(args, rows)
+    return 0
+
+
+def _write_json(args: argparse.Namespace, rows: list[dict], **extra) -> None:
     if args.output_json:
         partial = args.output_json.with_name(args.output_json.name + ".tmp")
-        partial.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str) + "\n")
+        partial.write_text(json.dumps({"args": vars(args), "rows": rows, **extra}, indent=2, default=str) + "\n")
         partial.replace(args.output_json)
-    return 0
 
 
 if __name__ == "__main__":
