@@ -7,8 +7,14 @@ Measures, each as a median over repeats and as a ratio to its baseline:
 - expert dispatch: forward + backward of one sparse block over N tokens, grouped vs the per-expert loop;
 - transcription through the ASR pipeline on real speech (real-time factor, tokens per second): dense, MoE with
   each expert implementation, and faster-whisper on a CTranslate2 checkpoint when given;
-- one training step (forward + backward + AdamW) with the encoder frozen and in full, MoE vs dense.
+- one training step (forward + backward + AdamW) with the encoder frozen and in full, MoE vs dense;
+- the new capacity of a lifelong phase (`--sections growth`): the MoE as it is, with new experts in every decoder
+  layer, and with a PEER block beside every decoder layer's feed-forward block (growth.py, peer.py), transcribing the
+  same clips at the same batch size (growth is exact, so all three decode the same tokens) and taking a lifelong
+  training step (only the new parameters train), with total parameters and those one token uses.
 Prints a markdown table and writes JSON. A benchmark, not a test: numbers depend on the machine and its load.
+
+    python scripts/benchmark.py --sections growth --moe checkpoints/whisper-moe-tiny.en --limit 16 --batch-size 8
 """
 
 import argparse
@@ -33,9 +39,12 @@ from modeling_whisper_moe import (
     load_audio,
 )
 from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS
+from modeling_whisper_moe.growth import grow_experts, grow_peer
 from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
+from modeling_whisper_moe.peer import PEER
 from modeling_whisper_moe.processing_whisper_moe import log_mel_30s
 from processing import read_manifest
+from processing.lifelong import apply_lifelong_mode
 from processing.metrics import english_normalizer, error_rates
 from processing.training import apply_training_mode
 
@@ -48,6 +57,8 @@ MEMORY_SAMPLE_S = 0.005  # resident-memory sampling period
 SHORT_CLIP_TOKENS = 16  # a spoken digit is 1-3 tokens; the cap keeps a hallucinating model from running to 448
 MEL_FRAMES = 3000  # a 30 s window
 TRAIN_LABEL_TOKENS = 24  # label length of the synthetic training batch
+SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth")
+DENSE_SECTIONS = ("transcription", "training")  # the ones that time the dense source next to the MoE
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -177,18 +188,28 @@ def _with_ratio(rows: list[dict], baseline: str) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
+    """One table of every row; parameter columns (millions, total and used per token) when a row counts them."""
+    counts = any("params" in row for row in rows)
     lines = [
-        "| benchmark | system | seconds | RTF | tokens/s | clips/s | peak MB | WER % | time vs baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| benchmark | system | seconds | RTF | tokens/s | clips/s | peak MB | WER % | time vs baseline |"
+        + (" params M | active/token M |" if counts else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if counts else ""),
     ]
     for row in rows:
         ratio = next((value for key, value in row.items() if key.startswith("vs_")), None)
-        lines.append(
+        line = (
             f"| {row['benchmark']} | {row['system']} | {row['seconds']:.3f} | {_fmt(row.get('rtf'), 3)} "
             f"| {_fmt(row.get('tokens_per_s'), 1)} | {_fmt(row.get('clips_per_s'), 1)} "
             f"| {_fmt(row.get('peak_mb'), 0)} | {_fmt(row.get('wer'), 2)} | {_fmt(ratio, 2)}x |"
         )
+        if counts:
+            line += f" {_fmt(_millions(row.get('params')), 2)} | {_fmt(_millions(row.get('active_params')), 2)} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _millions(count: int | None) -> float | None:
+    return None if count is None else count / 1e6
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -283,9 +304,73 @@ def bench_short_clip_training(moe_folder: str, manifest: Path, batch: int, repea
     return _with_ratio(rows, "30 s padding")
 
 
+def bench_growth(moe_folder: str, args: argparse.Namespace) -> list[dict]:
+    """The MoE, + `--growth-experts` experts per decoder layer, + a PEER block per decoder layer: transcription of the
+    same clips at the same batch size, then one lifelong training step on them (only the new parameters train)."""
+    dataset = read_manifest(args.manifest).select(range(args.limit))
+    processor = WhisperMoEProcessor.from_pretrained(moe_folder)
+    audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
+    features = processor(audio, return_tensors="pt").input_features  # (clips, mels, 3000)
+    audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
+    labels = processor.tokenizer(list(dataset["text"])[: args.batch_size], padding=True, return_tensors="pt")
+    label_ids = labels.input_ids.masked_fill(labels.attention_mask == 0, -100)
+    peer = dict(num_keys=args.peer_keys, num_heads=args.peer_heads, num_experts_per_head=args.peer_experts_per_head,
+                key_dim=args.peer_key_dim)  # fmt: skip
+    experts_name = f"+{args.growth_experts} experts / decoder layer"
+    peer_name = f"+PEER {args.peer_keys}^2 x {args.peer_heads} heads x top-{args.peer_experts_per_head}"
+    variants = {
+        "source": lambda model: model,
+        experts_name: lambda model: grow_experts(model, args.growth_experts, encoder_layers=[]),
+        peer_name: lambda model: grow_peer(model, **peer, encoder_layers=[]),
+    }
+    transcription, training = [], []
+    for name, grow in variants.items():
+        model = grow(WhisperMoEForConditionalGeneration.from_pretrained(moe_folder).eval())
+        counts = parameter_counts(model)
+        transcribe = partial(_generate, model, features, args.batch_size)
+        seconds = median_seconds(transcribe, args.repeats)
+        texts = processor.batch_decode(transcribe(), skip_special_tokens=True)
+        tokens = sum(len(processor.tokenizer(text).input_ids) for text in texts)
+        transcription.append({"benchmark": f"transcribe {args.limit} clips ({audio_seconds:.0f} s), batch "
+                              f"{args.batch_size}", "system": name, "seconds": seconds, "rtf": seconds / audio_seconds,
+                              "tokens_per_s": tokens / seconds, "wer": _word_error_rate(dataset["text"], texts),
+                              **counts})  # fmt: skip
+        if name == "source":
+            continue
+        apply_lifelong_mode(model)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        step = partial(_train_step, model, optimizer, features[: args.batch_size], label_ids)
+        training.append({"benchmark": f"lifelong train step, batch {args.batch_size}", "system": name,
+                         "seconds": median_seconds(step, args.repeats), **counts})  # fmt: skip
+    return _with_ratio(transcription, "source") + _with_ratio(training, experts_name)
+
+
+def _generate(model: torch.nn.Module, features: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Greedy transcription of `features` in batches of `batch` (the pipeline's settings: no timestamps)."""
+    with torch.inference_mode():
+        ids = [model.generate(chunk, num_beams=1) for chunk in features.split(batch)]
+    return [row for chunk in ids for row in chunk]
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Total parameters and those one token uses: each expert group's top-k rows of a sparse block, each PEER
+    block's heads x top-k experts (its query map and sub-keys score every token, so they count in full)."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    unused = 0
+    for module in model.modules():
+        if isinstance(module, WhisperMoESparseBlock):
+            rows, used = module.router.num_experts, sum(top_k for _, top_k in module.router.groups)
+            unused += sum(tensor.numel() for tensor in module.experts.parameters()) * (rows - used) // rows
+        elif isinstance(module, PEER):
+            unused_rows = module.num_experts - module.num_heads * module.top_k
+            unused += unused_rows * (module.down.embedding_dim + module.up.embedding_dim)
+    return {"params": total, "active_params": total - unused}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dense", required=True, help="dense Whisper folder (the upcycling source)")
+    parser.add_argument("--dense", help="dense Whisper folder, the upcycling source (transcription, training)")
     parser.add_argument("--moe", required=True, help="WhisperMoE folder upcycled from --dense")
     parser.add_argument("--faster-whisper", metavar="CT2_DIR", help="also time faster-whisper on this checkpoint")
     parser.add_argument("--int8", metavar="INT8_DIR", help="also time this folder (`whisper-moe quantize` of --moe)")
@@ -298,22 +383,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--short-clips", type=Path, default=DEFAULT_SHORT_CLIPS, help="manifest of short clips")
     parser.add_argument("--short-limit", type=int, default=64, help="short clips to encode and transcribe")
     parser.add_argument("--packed-moe", help="a WhisperMoE fine-tuned with variable_length_audio (short clips)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to time")
+    parser.add_argument("--growth-experts", type=int, default=2, help="growth: experts added per decoder layer")
+    parser.add_argument("--peer-keys", type=int, default=128, help="growth: PEER sub-keys (keys^2 experts per layer)")
+    parser.add_argument("--peer-heads", type=int, default=4, help="growth: PEER retrieval heads")
+    parser.add_argument("--peer-experts-per-head", type=int, default=16, help="growth: PEER top-k per head")
+    parser.add_argument("--peer-key-dim", type=int, default=128, help="growth: PEER query width")
     parser.add_argument("--output-json", type=Path)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dense is None and set(args.sections) & set(DENSE_SECTIONS):
+        parser.error(f"--dense is needed by the sections {list(DENSE_SECTIONS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     moe_config = WhisperMoEConfig.from_pretrained(args.moe)
-    rows = bench_dispatch(args.dispatch_tokens, moe_config.d_model, moe_config.encoder_ffn_dim, args.repeats)
-    models = {"dense": (args.dense, None)}
-    models.update({f"moe {name}": (args.moe, name) for name in EXPERTS_IMPLEMENTATIONS if name != "batched_mm"})
-    if args.int8:
-        models["moe int8"] = (args.int8, None)
-    rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, args.batch_size)
-    rows += bench_training(args.dense, args.moe, args.train_batch, args.repeats)
-    rows += bench_short_clips(args.moe, args.packed_moe, args.short_clips, args.short_limit, args.batch_size)
-    rows += bench_short_clip_training(args.moe, args.short_clips, args.train_batch * 2, args.repeats)
+    rows = []
+    if "dispatch" in args.sections:
+        rows += bench_dispatch(args.dispatch_tokens, moe_config.d_model, moe_config.encoder_ffn_dim, args.repeats)
+    if "transcription" in args.sections:
+        models = {"dense": (args.dense, None)}
+        models.update({f"moe {name}": (args.moe, name) for name in EXPERTS_IMPLEMENTATIONS if name != "batched_mm"})
+        if args.int8:
+            models["moe int8"] = (args.int8, None)
+        rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, args.batch_size)
+    if "training" in args.sections:
+        rows += bench_training(args.dense, args.moe, args.train_batch, args.repeats)
+    if "short_clips" in args.sections:
+        rows += bench_short_clips(args.moe, args.packed_moe, args.short_clips, args.short_limit, args.batch_size)
+        rows += bench_short_clip_training(args.moe, args.short_clips, args.train_batch * 2, args.repeats)
+    if "growth" in args.sections:
+        rows += bench_growth(args.moe, args)
     print(markdown(rows))
     if args.output_json:
         partial = args.output_json.with_name(args.output_json.name + ".tmp")
