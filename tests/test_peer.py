@@ -208,6 +208,15 @@ def test_lifelong_arguments_grow_peer_and_anchoring_is_skipped(caplog, tmp_path)
     assert "nothing to anchor" in caplog.text
 
 
+def test_training_modes_count_peer_blocks_as_experts():
+    from processing.training import apply_training_mode
+
+    model = _grown_with_peer()
+    for mode, trains in (("experts", True), ("attention", False), ("freeze_encoder", True)):
+        apply_training_mode(model, mode)
+        assert {p.requires_grad for name, p in model.named_parameters() if ".peers." in name} == {trains}, mode
+
+
 @pytest.mark.parametrize(
     "peer, message",
     [
