@@ -7,6 +7,8 @@ EXPERTS_IMPLEMENTATIONS = ("grouped", "loop", "grouped_mm", "batched_mm")
 QUANTIZATION_DTYPES = ("int8",)  # what `whisper-moe quantize --dtype` writes
 QUANTIZATION_KEYS = frozenset({"dtype", "float_embeddings"})  # what a `quantization` dict may hold
 GROWTH_KEYS = frozenset({"num_experts", "num_experts_per_tok", "encoder_layers", "decoder_layers"})  # one phase
+GROWTH_PEER_KEY = "peer"  # a phase may also add a PEER block (peer.py) to its layers
+PEER_KEYS = frozenset({"num_keys", "num_heads", "num_experts_per_head", "key_dim"})  # a phase's "peer" entry
 
 
 @strict
@@ -104,6 +106,11 @@ class WhisperMoEConfig(WhisperConfig):
         token the phase should leave alone can give them (almost) no weight. The experts are added with a zero
         output projection, so a grown model computes exactly what it did before growing until it is trained.
         `None` (the default) for a model that never grew.
+        A phase may also hold `"peer": {"num_keys": n, "num_heads": h, "num_experts_per_head": k, "key_dim": c}`: each
+        listed layer then gets a PEER block (peer.py) beside its feed-forward block, n**2 single-neuron experts of
+        which every token uses h * k, found by product keys over queries of width c (even: two halves); its up
+        vectors start at zero, so growing it is exact too. A phase that adds only a PEER block has `num_experts` and
+        `num_experts_per_tok` 0, and its layers may be dense.
 
     Text-to-speech fields, read only by [`WhisperMoEForTextToSpeech`] (the speech-recognition model ignores them):
 
@@ -238,15 +245,21 @@ class WhisperMoEConfig(WhisperConfig):
     def check_growth(self) -> None:
         """Raise `ValueError` naming the offending value unless every `expert_growth` phase can work."""
         for phase in self.expert_growth or ():
-            if not isinstance(phase, dict) or set(phase) != GROWTH_KEYS:
+            if not isinstance(phase, dict) or set(phase) - {GROWTH_PEER_KEY} != GROWTH_KEYS:
                 raise ValueError(
-                    f"each expert_growth phase must have exactly the keys {sorted(GROWTH_KEYS)}, got {phase!r}."
+                    f"each expert_growth phase must have exactly the keys {sorted(GROWTH_KEYS)} (and optionally "
+                    f"{GROWTH_PEER_KEY!r}), got {phase!r}."
                 )
-            if phase["num_experts"] < 1 or not 1 <= phase["num_experts_per_tok"] <= phase["num_experts"]:
+            peer_only = GROWTH_PEER_KEY in phase and phase["num_experts"] == phase["num_experts_per_tok"] == 0
+            if not peer_only and (
+                phase["num_experts"] < 1 or not 1 <= phase["num_experts_per_tok"] <= phase["num_experts"]
+            ):
                 raise ValueError(
-                    f"an expert_growth phase needs num_experts >= 1 and 1 <= num_experts_per_tok <= num_experts, "
-                    f"got {phase!r}."
+                    f"an expert_growth phase needs num_experts >= 1 and 1 <= num_experts_per_tok <= num_experts "
+                    f"(both 0 when it adds only a PEER block), got {phase!r}."
                 )
+            if GROWTH_PEER_KEY in phase:
+                self.check_peer(phase[GROWTH_PEER_KEY])
             for side in ("encoder", "decoder"):
                 num_layers = getattr(self, f"{side}_layers")
                 unknown = sorted(set(phase[f"{side}_layers"]) - set(range(num_layers)))
@@ -270,6 +283,21 @@ class WhisperMoEConfig(WhisperConfig):
                 f"{self.expert_segments} only sparse layers can grow."
             )
 
+    @staticmethod
+    def check_peer(spec: dict) -> None:
+        """Raise `ValueError` naming the offending value unless `spec` is a PEER block that can work (peer.py)."""
+        if not isinstance(spec, dict) or set(spec) != PEER_KEYS:
+            raise ValueError(f"a PEER block must have exactly the keys {sorted(PEER_KEYS)}, got {spec!r}.")
+        if any(not isinstance(value, int) or value < 1 for value in spec.values()):
+            raise ValueError(f"a PEER block's sizes must be positive integers, got {spec!r}.")
+        if spec["num_experts_per_head"] > spec["num_keys"]:
+            raise ValueError(
+                f"a PEER block's num_experts_per_head={spec['num_experts_per_head']} is more than its "
+                f"num_keys={spec['num_keys']}: each half of the query keeps that many sub-keys."
+            )
+        if spec["key_dim"] % 2:
+            raise ValueError(f"a PEER block's key_dim must be even (two halves), got {spec['key_dim']}.")
+
     def is_sparse_layer(self, side: str, layer_idx: int) -> bool:
         """Whether layer `layer_idx` of `side` ("encoder" or "decoder") has a sparse feed-forward block, from the
         start or since a growth phase."""
@@ -281,9 +309,19 @@ class WhisperMoEConfig(WhisperConfig):
         return [layer_groups for layer_groups in groups if layer_groups]
 
     def growth_phases(self, side: str, layer_idx: int) -> list[int]:
-        """Index in `expert_growth` of each phase that grew this layer, oldest first (one per grown group)."""
+        """Index in `expert_growth` of each phase that grew experts in this layer, oldest first (one per grown
+        group)."""
         phases = enumerate(self.expert_growth or ())
-        return [index for index, phase in phases if layer_idx in phase[f"{side}_layers"]]
+        return [index for index, phase in phases if layer_idx in phase[f"{side}_layers"] and phase["num_experts"]]
+
+    def peer_phases(self, side: str, layer_idx: int) -> list[tuple[int, dict]]:
+        """(index in `expert_growth`, "peer" entry) of each phase that gave this layer a PEER block, oldest first."""
+        phases = enumerate(self.expert_growth or ())
+        return [
+            (index, phase[GROWTH_PEER_KEY])
+            for index, phase in phases
+            if layer_idx in phase[f"{side}_layers"] and GROWTH_PEER_KEY in phase
+        ]
 
     def expert_groups(self, side: str, layer_idx: int) -> list[tuple[int, int]]:
         """(num_experts, num_experts_per_tok) of each expert group of a sparse layer, the base group first and then

@@ -9,8 +9,13 @@ an old expert's (`init="copy"`) or random (`init="random"`). A dense layer that 
 the single expert of the base group. In a model with fine-grained experts (`expert_segments` > 1) new experts have
 the old ones' narrow width, and only sparse layers can grow.
 
-The previous model is the grown one with its newest phase switched off (`previous_model`), as long as the old
-parameters stay frozen: distillation against it needs no second copy of the model.
+A phase may instead (or also) give each chosen layer a PEER block beside its feed-forward block (`grow_peer`, the
+phase's "peer" entry): many single-neuron experts retrieved by product keys (peer.py), whose zero up vectors make
+that growth exact as well.
+
+The previous model is the grown one with its newest phase switched off (`previous_model`: its expert groups stop
+routing and its PEER blocks are skipped), as long as the old parameters stay frozen: distillation against it needs
+no second copy of the model.
 """
 
 from collections.abc import Iterator, Sequence
@@ -19,8 +24,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .configuration_whisper_moe import WhisperMoEConfig
+from .configuration_whisper_moe import GROWTH_PEER_KEY, WhisperMoEConfig
 from .modeling_whisper_moe import WhisperMoEMLP, WhisperMoERouter, WhisperMoESparseBlock
+from .peer import PEER
 
 GROWTH_INITS = ("copy", "random")
 SIDES = ("encoder", "decoder")
@@ -34,43 +40,71 @@ def grow_experts(
     decoder_layers: Sequence[int] | None = None,
     init: str = "copy",
     seed: int = 0,
+    peer: dict | None = None,
 ) -> nn.Module:
     """Append `num_new` experts, routed top-`num_experts_per_tok` among themselves, to the chosen layers; in place.
 
     `encoder_layers` / `decoder_layers`: layer indices to grow; `None` grows every layer that is sparse already on
-    that side, `[]` none. Naming a dense layer makes it sparse. Returns `model`, whose outputs are unchanged.
+    that side, `[]` none. Naming a dense layer makes it sparse. `peer` (a "peer" entry of
+    `WhisperMoEConfig.expert_growth`) also gives each of those layers a PEER block, in the same phase; with it
+    `num_new` may be 0 (a PEER-only phase, `grow_peer`). Returns `model`, whose outputs are unchanged.
     """
     config: WhisperMoEConfig = model.config
     if config.quantization is not None:
         raise ValueError("grow_experts needs a float model; grow the float folder, then quantize it.")
     if init not in GROWTH_INITS:
         raise ValueError(f"init must be one of {GROWTH_INITS}, got {init!r}.")
+    if num_new == 0 and peer is None:
+        raise ValueError("grow_experts was given num_new=0 and no PEER block: nothing to grow.")
     chosen = {
         side: sorted(layers if layers is not None else _sparse_layers(config, side))
         for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers))
     }
     phase = {
         "num_experts": num_new,
-        "num_experts_per_tok": num_experts_per_tok,
+        "num_experts_per_tok": num_experts_per_tok if num_new else 0,
         "encoder_layers": chosen["encoder"],
         "decoder_layers": chosen["decoder"],
     }
+    if peer is not None:
+        phase[GROWTH_PEER_KEY] = dict(peer)
     if not phase["encoder_layers"] and not phase["decoder_layers"]:
         raise ValueError("grow_experts was given no layer to grow (the model has no sparse layer; name some).")
-    previous = config.expert_growth
-    config.expert_growth = [*(previous or []), phase]
+    previous, config.expert_growth = config.expert_growth, [*(config.expert_growth or []), phase]
     try:
         config.check_growth()
     except ValueError:
-        config.expert_growth = previous  # the model stays as it was
+        config.expert_growth = previous  # an impossible phase leaves the model as it was
         raise
     generator = torch.Generator().manual_seed(seed)
     for side in SIDES:
         layers, ffn_dim = _stack(model, side).layers, getattr(config, f"{side}_ffn_dim")
         for idx in chosen[side]:
-            groups, phases = config.expert_groups(side, idx), config.growth_phases(side, idx)
-            layers[idx].mlp = _grown_block(layers[idx].mlp, config, ffn_dim, groups, phases, init, generator)
+            if num_new:
+                groups, phases = config.expert_groups(side, idx), config.growth_phases(side, idx)
+                layers[idx].mlp = _grown_block(layers[idx].mlp, config, ffn_dim, groups, phases, init, generator)
+            if peer is not None:
+                layers[idx].peers.append(_grown_peer(layers[idx].mlp, config, peer, generator))
     return model
+
+
+def grow_peer(
+    model: nn.Module,
+    num_keys: int = 128,
+    num_heads: int = 4,
+    num_experts_per_head: int = 16,
+    key_dim: int = 128,
+    encoder_layers: Sequence[int] | None = None,
+    decoder_layers: Sequence[int] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A growth phase that gives each chosen layer (as in `grow_experts`) a PEER block of `num_keys`**2 experts,
+    `num_heads` x top-`num_experts_per_head` per token (peer.py), and no new routed experts; in place. Returns
+    `model`, whose outputs are unchanged."""
+    spec = {"num_keys": num_keys, "num_heads": num_heads, "num_experts_per_head": num_experts_per_head,
+            "key_dim": key_dim}  # fmt: skip
+    WhisperMoEConfig.check_peer(spec)  # before anything changes
+    return grow_experts(model, 0, 0, encoder_layers, decoder_layers, seed=seed, peer=spec)
 
 
 def _sparse_layers(config: WhisperMoEConfig, side: str) -> list[int]:
@@ -127,6 +161,15 @@ def _grown_block(
     return block
 
 
+def _grown_peer(mlp: nn.Module, config: WhisperMoEConfig, spec: dict, generator: torch.Generator) -> PEER:
+    """A PEER block of the newest phase, on `mlp`'s device and dtype, in its train/eval mode, adding 0 for now."""
+    reference = next(mlp.parameters())
+    peer = PEER(config, spec, phase=len(config.expert_growth) - 1)
+    peer.init_weights(config.init_std, generator)  # on the CPU: the generator's draws do not depend on the device
+    peer.train(mlp.training)
+    return peer.to(reference.device, reference.dtype)
+
+
 def _as_single_expert(dense: WhisperMoEMLP, config: WhisperMoEConfig) -> WhisperMoESparseBlock:
     """A dense feed-forward block as a sparse block of one expert (the softmax over one logit is 1: exact)."""
     block = WhisperMoESparseBlock(config, dense.fc1.out_features, [(1, 1)]).to(dense.fc1.weight.device)
@@ -146,14 +189,19 @@ def previous_model(model: nn.Module, phase: int | None = None) -> Iterator[nn.Mo
     parameters older than that phase frozen, this is the previous model exactly: the teacher for distillation."""
     num_phases = len(model.config.expert_growth or [])
     if num_phases == 0:
-        raise ValueError("previous_model needs a model that grew experts (config.expert_growth is empty).")
+        raise ValueError("previous_model needs a model that grew experts or PEER (config.expert_growth is empty).")
     phase = num_phases - 1 if phase is None else phase
     routers = [module for module in model.modules() if isinstance(module, WhisperMoERouter)]
-    saved = [router.routed_phases for router in routers]
+    peers = [module for module in model.modules() if isinstance(module, PEER)]
+    saved = [router.routed_phases for router in routers], [peer.enabled for peer in peers]
     try:
         for router in routers:
             router.routed_phases = phase
+        for peer in peers:
+            peer.enabled = peer.enabled and peer.phase < phase
         yield model
     finally:
-        for router, state in zip(routers, saved):
+        for router, state in zip(routers, saved[0]):
             router.routed_phases = state
+        for peer, state in zip(peers, saved[1]):
+            peer.enabled = state

@@ -11,16 +11,19 @@ ENGLISH_ONLY_VOCAB_SIZE = 51864  # the *.en Whisper checkpoints; multilingual on
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(total, active per token): of each sparse block's routed experts only the top-k of every expert group (the
-    base group and each growth phase's) count as active."""
+    base group and each growth phase's) count as active; of a PEER block, the heads x top-k retrieved experts (its
+    query map and sub-keys score every token, so they count in full)."""
     total = sum(parameter.numel() for parameter in model.parameters())
     inactive = 0
     for block in model.modules():
         router, experts = getattr(block, "router", None), getattr(block, "experts", None)
-        if router is None or experts is None or not hasattr(router, "groups"):
-            continue
-        routed = sum(top_k for _, top_k in router.groups)
-        rows = sum(parameter.numel() for parameter in experts.parameters())
-        inactive += rows * (router.num_experts - routed) // router.num_experts
+        if router is not None and experts is not None and hasattr(router, "groups"):
+            routed = sum(top_k for _, top_k in router.groups)
+            rows = sum(parameter.numel() for parameter in experts.parameters())
+            inactive += rows * (router.num_experts - routed) // router.num_experts
+        elif type(block).__name__ == "PEER":
+            unused = block.num_experts - block.num_heads * block.top_k
+            inactive += unused * (block.down.embedding_dim + block.up.embedding_dim)
     return total, total - inactive
 
 

@@ -34,6 +34,7 @@ from .generation_whisper_moe import WhisperMoEGenerationMixin, language_token_id
 from .hub import HubSavingMixin
 from .model_card import model_card
 from .packing import block_diagonal_mask, pack, plan_packing, unpack
+from .peer import PEER, peer_blocks
 from .quantization import quantize_model
 from .upcycling import add_text_frontend, upcycle
 
@@ -397,11 +398,16 @@ def _feed_forward_block(config: WhisperMoEConfig, side: str, layer_idx: int, ffn
 
 # Adapted from transformers.models.whisper.modeling_whisper (5.x)
 class _FeedForwardResidual:
-    """The pre-norm residual feed-forward sub-block both layer kinds end with."""
+    """The pre-norm residual feed-forward sub-block both layer kinds end with; a layer given PEER blocks by growth
+    (peer.py) adds their output to the feed-forward block's, inside the residual branch."""
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.mlp(self.final_layer_norm(hidden_states))
+        normed = self.final_layer_norm(hidden_states)
+        hidden_states = self.mlp(normed)
+        for peer in self.peers:
+            if peer.enabled:
+                hidden_states = hidden_states + peer(normed)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         return residual + hidden_states
 
@@ -411,6 +417,7 @@ class WhisperMoEEncoderLayer(_FeedForwardResidual, WhisperEncoderLayer):
         super().__init__(config)
         del self.fc1, self.fc2
         self.mlp = _feed_forward_block(config, "encoder", layer_idx, config.encoder_ffn_dim)
+        self.peers = peer_blocks(config, "encoder", layer_idx)
 
     # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
@@ -432,6 +439,7 @@ class WhisperMoEDecoderLayer(_FeedForwardResidual, WhisperDecoderLayer):
         super().__init__(config, layer_idx)
         del self.fc1, self.fc2
         self.mlp = _feed_forward_block(config, "decoder", layer_idx, config.decoder_ffn_dim)
+        self.peers = peer_blocks(config, "decoder", layer_idx)
 
     # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(
@@ -516,6 +524,23 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
 
         return grow_experts(self, num_new, num_experts_per_tok, encoder_layers, decoder_layers, init, seed)
 
+    def add_peer(
+        self,
+        num_keys: int = 128,
+        num_heads: int = 4,
+        num_experts_per_head: int = 16,
+        key_dim: int = 128,
+        encoder_layers: list[int] | None = None,
+        decoder_layers: list[int] | None = None,
+        seed: int = 0,
+    ) -> "WhisperMoEPreTrainedModel":
+        """Grow a PEER block of `num_keys`**2 single-neuron experts beside the chosen layers' feed-forward blocks
+        (every sparse layer by default), outputs unchanged; in place. See peer.py and growth.py."""
+        from .growth import grow_peer
+
+        sizes = (num_keys, num_heads, num_experts_per_head, key_dim)
+        return grow_peer(self, *sizes, encoder_layers, decoder_layers, seed)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -529,6 +554,8 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
             init.normal_(module.fc2_weight, mean=0.0, std=std)
             init.zeros_(module.fc1_bias)
             init.zeros_(module.fc2_bias)
+        elif isinstance(module, PEER):  # after its Linear and Embedding children: zero up vectors win
+            module.init_weights(std)
 
 
 def _router_recorder() -> dict:

@@ -1,14 +1,17 @@
 """Learning a new domain without forgetting: what trains in a grown model, and the losses that keep the old domain.
 
 After `grow_experts`, `--training_mode lifelong` trains only what the newest growth phase added: its experts' rows
-of the stacked expert tensors, its router rows and its null logit (plus any module named in `trainable`, e.g. a new
-text front-end). Everything older stays bit for bit as it was (gradient masks, and the rows are restored after each
+of the stacked expert tensors, its router rows and its null logit, and its PEER blocks when it grew some
+(`--grow_peer_keys`, see modeling_whisper_moe/peer.py), plus any module named in `trainable`, e.g. a new text
+front-end. Everything older stays bit for bit as it was (gradient masks, and the rows are restored after each
 optimizer step, so weight decay or optimizer state cannot move them either). The base group routes old and new
 inputs exactly as before by construction; what can still drift is how much weight the new experts get, and the
 options below hold that for old inputs:
 
 - router anchoring (`anchor_coef`): on replayed general speech, the newest group's router is taught to pick its null
-  expert (cross-entropy towards the null logit), so old-domain tokens keep their old routing;
+  expert (cross-entropy towards the null logit), so old-domain tokens keep their old routing. A PEER block has no
+  null expert (its softmax is over the retrieved experts alone), so nothing anchors it: a phase that grew only PEER
+  gets no anchoring loss, and the trainer says so when `anchor_coef` asks for one;
 - output distillation (`distill_coef`, temperature `distill_temperature`): KL from the previous model's token
   distribution, on replay rows (and on the new data with `distill_new_data`). The previous model is the grown one
   with its newest phase switched off (`previous_model`), so no second copy is held;
@@ -19,6 +22,7 @@ options below hold that for old inputs:
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +34,10 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
+from modeling_whisper_moe.configuration_whisper_moe import WhisperMoEConfig
 from modeling_whisper_moe.growth import grow_experts, previous_model
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX, WhisperMoERouter
+from modeling_whisper_moe.peer import PEER
 from processing.training import WhisperMoETrainer
 
 from .data import read_manifest
@@ -39,6 +45,7 @@ from .data import read_manifest
 REPLAY_COLUMN = "is_replay"  # 1 on rows of the replay set: the old domain the anchoring and distillation hold
 EXPERT_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 PSEUDO_LABEL_BATCH = 8  # clips the previous model transcribes at once when labelling the replay set
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +57,12 @@ class LifelongArguments:
     grow_encoder_layers: str = field(default="all", metadata={"help": "encoder layers to grow: all, none or 0,2"})
     grow_decoder_layers: str = field(default="all", metadata={"help": "decoder layers to grow: all, none or 0,2"})
     grow_init: str = field(default="copy", metadata={"help": "new experts' input projection: copy or random"})
+    grow_peer_keys: int = field(
+        default=0, metadata={"help": "sub-keys of a PEER block (keys^2 experts) beside each grown layer (0: none)"}
+    )
+    grow_peer_heads: int = field(default=4, metadata={"help": "retrieval heads of the PEER block"})
+    grow_peer_experts_per_head: int = field(default=16, metadata={"help": "experts each PEER head retrieves (top-k)"})
+    grow_peer_key_dim: int = field(default=128, metadata={"help": "query width of a PEER head (even)"})
     anchor_coef: float = field(default=1.0, metadata={"help": "router anchoring weight on replay rows (0: off)"})
     distill_coef: float = field(default=1.0, metadata={"help": "KL-to-previous-model weight (0: off)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the distillation"})
@@ -68,6 +81,27 @@ class LifelongArguments:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}.")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature}.")
+        if self.grow_peer_keys < 0:
+            raise ValueError(f"grow_peer_keys must be 0 (no PEER block) or more, got {self.grow_peer_keys}.")
+        if self.peer_spec is not None:
+            WhisperMoEConfig.check_peer(self.peer_spec)
+
+    @property
+    def peer_spec(self) -> dict | None:
+        """The PEER block this phase grows (an `expert_growth` "peer" entry), None without one."""
+        if not self.grow_peer_keys:
+            return None
+        return {
+            "num_keys": self.grow_peer_keys,
+            "num_heads": self.grow_peer_heads,
+            "num_experts_per_head": self.grow_peer_experts_per_head,
+            "key_dim": self.grow_peer_key_dim,
+        }
+
+    @property
+    def grows(self) -> bool:
+        """Whether this phase grows the model (experts, a PEER block or both) before training."""
+        return bool(self.grow_experts or self.grow_peer_keys)
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int] | None:
@@ -86,7 +120,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int] | None:
 
 
 def grow_for_phase(model: nn.Module, args: LifelongArguments, seed: int) -> nn.Module:
-    """Apply this phase's growth to `model` (in place), as the arguments say."""
+    """Apply this phase's growth to `model` (in place), as the arguments say: new experts, a PEER block beside the
+    same layers' feed-forward blocks, or both, recorded as one growth phase."""
     config = model.config
     return grow_experts(
         model,
@@ -96,6 +131,7 @@ def grow_for_phase(model: nn.Module, args: LifelongArguments, seed: int) -> nn.M
         decoder_layers=parse_layers(args.grow_decoder_layers, config.decoder_layers),
         init=args.grow_init,
         seed=seed,
+        peer=args.peer_spec,
     )
 
 
@@ -133,11 +169,14 @@ class FrozenRows:
 
 
 def apply_lifelong_mode(model: nn.Module, trainable: Iterable[str] = ()) -> FrozenRows:
-    """Freeze everything but the newest growth phase's experts, router rows and null logits (and parameters whose
-    names contain a `trainable` fragment). Returns the rows to restore after each optimizer step."""
+    """Freeze everything but the newest growth phase's experts, router rows, null logits and PEER blocks (and
+    parameters whose names contain a `trainable` fragment). Older PEER blocks keep their query statistics fixed.
+    Returns the rows to restore after each optimizer step."""
     phases = model.config.expert_growth or []
     if not phases:
-        raise ValueError("training_mode lifelong needs a grown model: set grow_experts (or grow it first).")
+        raise ValueError(
+            "training_mode lifelong needs a grown model: set grow_experts or grow_peer_keys (or grow it first)."
+        )
     phase = len(phases) - 1
     model.requires_grad_(False)
     frozen = FrozenRows()
@@ -155,6 +194,10 @@ def apply_lifelong_mode(model: nn.Module, trainable: Iterable[str] = ()) -> Froz
         nulls = torch.zeros(len(module.phases), dtype=torch.bool)
         nulls[null_column - module.num_experts] = True
         frozen.add(module.null_logits, nulls)
+    for peer in (module for module in model.modules() if isinstance(module, PEER)):
+        # the newest phase's block trains whole; an older one is a fixed function, running statistics included
+        peer.requires_grad_(peer.phase == phase)
+        peer.frozen_statistics = peer.phase != phase
     fragments = tuple(trainable)
     for name, parameter in model.named_parameters():
         if fragments and any(fragment in name for fragment in fragments):
@@ -347,6 +390,12 @@ class LifelongTrainer(WhisperMoETrainer):
     def __init__(self, *args, lifelong: LifelongArguments, **kwargs):
         super().__init__(*args, **kwargs)
         self.lifelong = lifelong
+        if lifelong.anchor_coef > 0 and not self.model.config.expert_growth[-1]["num_experts"]:
+            logger.warning(
+                "anchor_coef=%s has nothing to anchor: the newest growth phase added only PEER blocks, which have no "
+                "router or null expert. Distillation and replay still apply; set anchor_coef 0 to silence this.",
+                lifelong.anchor_coef,
+            )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

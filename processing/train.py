@@ -73,8 +73,9 @@ def add_text_input(model, model_args: ModelArguments, tasks: list[str]) -> None:
 
 
 def choose_trained(model, model_args: ModelArguments, lifelong: LifelongArguments, seed: int):
-    """(model to train, frozen rows of a lifelong phase or None): grow experts when asked, then pick what trains."""
-    if lifelong.grow_experts:
+    """(model to train, frozen rows of a lifelong phase or None): grow experts or PEER when asked, then pick what
+    trains."""
+    if lifelong.grows:
         grow_for_phase(model, lifelong, seed)
     if model_args.training_mode == "lifelong":
         return model, apply_lifelong_mode(model, lifelong.lifelong_trainable)

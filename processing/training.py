@@ -20,13 +20,14 @@ from processing.multitask import TASK_KEY
 from processing.routing import router_statistics, router_token_masks
 
 TRAINING_MODES = ("full", "freeze_encoder", "experts", "attention", "lora")
-# Parameter-name fragments of what "experts" mode trains: routed experts, routers, shared experts.
-EXPERT_PARAMETERS = (".mlp.experts.", ".mlp.router.", ".mlp.shared_experts.")
-# What "attention" mode keeps fixed: routed and shared experts, token embeddings (the decoder's is tied to proj_out),
-# the audio convolutions.
+# Parameter-name fragments of what "experts" mode trains: routed experts, routers, shared experts, PEER blocks.
+EXPERT_PARAMETERS = (".mlp.experts.", ".mlp.router.", ".mlp.shared_experts.", ".peers.")
+# What "attention" mode keeps fixed: routed and shared experts, PEER blocks, token embeddings (the decoder's is tied
+# to proj_out), the audio convolutions.
 FROZEN_IN_ATTENTION_MODE = (
     ".mlp.experts.",
     ".mlp.shared_experts.",
+    ".peers.",
     "embed_tokens.",
     "embed_text_tokens.",
     "proj_out.",

@@ -8,12 +8,18 @@ Measures, each as a median over repeats and as a ratio to its baseline:
 - expert dispatch: forward + backward of one sparse block over N tokens, grouped vs the per-expert loop;
 - transcription through the ASR pipeline on real speech (real-time factor, tokens per second): dense, MoE with
   each expert implementation, and faster-whisper on a CTranslate2 checkpoint when given;
-- one training step (forward + backward + AdamW) with the encoder frozen and in full, MoE vs dense.
+- one training step (forward + backward + AdamW) with the encoder frozen and in full, MoE vs dense;
+- the new capacity of a lifelong phase (`--sections growth`): the MoE as it is, with new experts in every decoder
+  layer, and with a PEER block beside every decoder layer's feed-forward block (growth.py, peer.py), transcribing the
+  same clips at the same batch size (growth is exact, so all three decode the same tokens) and taking a lifelong
+  training step (only the new parameters train), with total parameters and those one token uses.
 With --variants, only this instead: MoE variants upcycled in memory from --dense (coarse, fine-grained with
 `expert_segments`, with shared experts), their sizes, then each one's transcription of the same clips at each of
 --variant-batches and one training step on the same batch (frozen encoder, as configuration/recipes/asr-finetune.json),
 as ratios to the first variant, the dense source alongside.
 Prints a markdown table and writes JSON. A benchmark, not a test: numbers depend on the machine and its load.
+
+    python scripts/benchmark.py --sections growth --moe checkpoints/whisper-moe-tiny.en --limit 16 --batch-size 8
 """
 
 import argparse
@@ -39,11 +45,13 @@ from modeling_whisper_moe import (
     load_audio,
 )
 from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS
+from modeling_whisper_moe.growth import grow_experts, grow_peer
 from modeling_whisper_moe.model_card import count_parameters
 from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
 from modeling_whisper_moe.pipeline_whisper_moe import WhisperMoEASRPipeline
 from modeling_whisper_moe.processing_whisper_moe import log_mel_30s
 from processing import read_manifest
+from processing.lifelong import apply_lifelong_mode
 from processing.metrics import english_normalizer, error_rates
 from processing.training import apply_training_mode
 
@@ -59,6 +67,8 @@ TRAIN_LABEL_TOKENS = 24  # label length of the synthetic training batch
 VARIANT_PATTERN = re.compile(r"(\d+)x(\d+)(?:-seg(\d+))?(?:-shared(\d+))?")  # ExK[-segM][-sharedS]
 # all but the last have the active parameters of two dense blocks per token; 8x2-shared1 (the shared preset) has three
 DEFAULT_VARIANTS = ("8x2", "8x2-seg4", "8x1-shared1", "8x1-seg4-shared1", "8x2-shared1")
+SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth")
+DENSE_SECTIONS = ("transcription", "training")  # the ones that time the dense source next to the MoE
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -195,18 +205,28 @@ def _with_ratio(rows: list[dict], baseline: str) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
+    """One table of every row; parameter columns (millions, total and used per token) when a row counts them."""
+    counts = any("params" in row for row in rows)
     lines = [
-        "| benchmark | system | seconds | RTF | tokens/s | clips/s | peak MB | WER % | time vs baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| benchmark | system | seconds | RTF | tokens/s | clips/s | peak MB | WER % | time vs baseline |"
+        + (" params M | active/token M |" if counts else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if counts else ""),
     ]
     for row in rows:
         ratio = next((value for key, value in row.items() if key.startswith("vs_")), None)
-        lines.append(
+        line = (
             f"| {row['benchmark']} | {row['system']} | {row['seconds']:.3f} | {_fmt(row.get('rtf'), 3)} "
             f"| {_fmt(row.get('tokens_per_s'), 1)} | {_fmt(row.get('clips_per_s'), 1)} "
             f"| {_fmt(row.get('peak_mb'), 0)} | {_fmt(row.get('wer'), 2)} | {_fmt(ratio, 2)}x |"
         )
+        if counts:
+            line += f" {_fmt(_millions(row.get('params')), 2)} | {_fmt(_millions(row.get('active_params')), 2)} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _millions(count: int | None) -> float | None:
+    return None if count is None else count / 1e6
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -372,9 +392,66 @@ def sizes_markdown(sizes: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_growth(moe_folder: str, args: argparse.Namespace) -> list[dict]:
+    """The MoE, + `--growth-experts` experts per decoder layer, + a PEER block per decoder layer: transcription of the
+    same clips at the same batch size, then one lifelong training step on them (only the new parameters train)."""
+    dataset = read_manifest(args.manifest).select(range(args.limit))
+    processor = WhisperMoEProcessor.from_pretrained(moe_folder)
+    audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
+    features = processor(audio, return_tensors="pt").input_features  # (clips, mels, 3000)
+    audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
+    labels = processor.tokenizer(list(dataset["text"])[: args.batch_size], padding=True, return_tensors="pt")
+    label_ids = labels.input_ids.masked_fill(labels.attention_mask == 0, -100)
+    peer = dict(num_keys=args.peer_keys, num_heads=args.peer_heads, num_experts_per_head=args.peer_experts_per_head,
+                key_dim=args.peer_key_dim)  # fmt: skip
+    experts_name = f"+{args.growth_experts} experts / decoder layer"
+    peer_name = f"+PEER {args.peer_keys}^2 x {args.peer_heads} heads x top-{args.peer_experts_per_head}"
+    variants = {
+        "source": lambda model: model,
+        experts_name: lambda model: grow_experts(model, args.growth_experts, encoder_layers=[]),
+        peer_name: lambda model: grow_peer(model, **peer, encoder_layers=[]),
+    }
+    transcription, training = [], []
+    for name, grow in variants.items():
+        model = grow(WhisperMoEForConditionalGeneration.from_pretrained(moe_folder).eval())
+        counts = parameter_counts(model)
+        transcribe = partial(_generate, model, features, args.batch_size)
+        seconds = median_seconds(transcribe, args.repeats)
+        texts = processor.batch_decode(transcribe(), skip_special_tokens=True)
+        tokens = sum(len(processor.tokenizer(text).input_ids) for text in texts)
+        transcription.append({"benchmark": f"transcribe {args.limit} clips ({audio_seconds:.0f} s), batch "
+                              f"{args.batch_size}", "system": name, "seconds": seconds, "rtf": seconds / audio_seconds,
+                              "tokens_per_s": tokens / seconds, "wer": _word_error_rate(dataset["text"], texts),
+                              **counts})  # fmt: skip
+        if name == "source":
+            continue
+        apply_lifelong_mode(model)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        step = partial(_train_step, model, optimizer, features[: args.batch_size], label_ids)
+        training.append({"benchmark": f"lifelong train step, batch {args.batch_size}", "system": name,
+                         "seconds": median_seconds(step, args.repeats), **counts})  # fmt: skip
+    return _with_ratio(transcription, "source") + _with_ratio(training, experts_name)
+
+
+def _generate(model: torch.nn.Module, features: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Greedy transcription of `features` in batches of `batch` (the pipeline's settings: no timestamps)."""
+    with torch.inference_mode():
+        ids = [model.generate(chunk, num_beams=1) for chunk in features.split(batch)]
+    return [row for chunk in ids for row in chunk]
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Total parameters and those one token uses (`model_card.count_parameters`)."""
+    total, active = count_parameters(model)
+    return {"params": total, "active_params": active}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dense", required=True, help="dense Whisper folder (the upcycling source)")
+    parser.add_argument(
+        "--dense", help="dense Whisper folder, the upcycling source (transcription, training, variants)"
+    )
     parser.add_argument("--moe", help="WhisperMoE folder upcycled from --dense (needed unless --variants)")
     parser.add_argument(
         "--variants",
@@ -395,14 +472,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--short-clips", type=Path, default=DEFAULT_SHORT_CLIPS, help="manifest of short clips")
     parser.add_argument("--short-limit", type=int, default=64, help="short clips to encode and transcribe")
     parser.add_argument("--packed-moe", help="a WhisperMoE fine-tuned with variable_length_audio (short clips)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to time")
+    parser.add_argument("--growth-experts", type=int, default=2, help="growth: experts added per decoder layer")
+    parser.add_argument("--peer-keys", type=int, default=128, help="growth: PEER sub-keys (keys^2 experts per layer)")
+    parser.add_argument("--peer-heads", type=int, default=4, help="growth: PEER retrieval heads")
+    parser.add_argument("--peer-experts-per-head", type=int, default=16, help="growth: PEER top-k per head")
+    parser.add_argument("--peer-key-dim", type=int, default=128, help="growth: PEER query width")
     parser.add_argument("--output-json", type=Path)
     args = parser.parse_args(argv)
     if args.variants is None and args.moe is None:
         parser.error("give --moe (the full benchmark) or --variants (the MoE variants comparison)")
     if args.variants is not None:
+        if args.dense is None:
+            parser.error("--variants upcycles from --dense; give it")
         args.variants = args.variants or list(DEFAULT_VARIANTS)
         for name in args.variants:
             variant_options(name)  # a typo fails before the slow part
+    elif args.dense is None and set(args.sections) & set(DENSE_SECTIONS):
+        parser.error(f"--dense is needed by the sections {list(DENSE_SECTIONS)}")
     return args
 
 
@@ -414,15 +501,22 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(args, rows, sizes=sizes)
         return 0
     moe_config = WhisperMoEConfig.from_pretrained(args.moe)
-    rows = bench_dispatch(args.dispatch_tokens, moe_config.d_model, moe_config.encoder_ffn_dim, args.repeats)
-    models = {"dense": (args.dense, None)}
-    models.update({f"moe {name}": (args.moe, name) for name in EXPERTS_IMPLEMENTATIONS if name != "batched_mm"})
-    if args.int8:
-        models["moe int8"] = (args.int8, None)
-    rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, args.batch_size)
-    rows += bench_training(args.dense, args.moe, args.train_batch, args.repeats)
-    rows += bench_short_clips(args.moe, args.packed_moe, args.short_clips, args.short_limit, args.batch_size)
-    rows += bench_short_clip_training(args.moe, args.short_clips, args.train_batch * 2, args.repeats)
+    rows = []
+    if "dispatch" in args.sections:
+        rows += bench_dispatch(args.dispatch_tokens, moe_config.d_model, moe_config.encoder_ffn_dim, args.repeats)
+    if "transcription" in args.sections:
+        models = {"dense": (args.dense, None)}
+        models.update({f"moe {name}": (args.moe, name) for name in EXPERTS_IMPLEMENTATIONS if name != "batched_mm"})
+        if args.int8:
+            models["moe int8"] = (args.int8, None)
+        rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, args.batch_size)
+    if "training" in args.sections:
+        rows += bench_training(args.dense, args.moe, args.train_batch, args.repeats)
+    if "short_clips" in args.sections:
+        rows += bench_short_clips(args.moe, args.packed_moe, args.short_clips, args.short_limit, args.batch_size)
+        rows += bench_short_clip_training(args.moe, args.short_clips, args.train_batch * 2, args.repeats)
+    if "growth" in args.sections:
+        rows += bench_growth(args.moe, args)
     print(markdown(rows))
     _write_json(args, rows)
     return 0
