@@ -305,7 +305,8 @@ def test_saved_folders_reload_without_the_package(tmp_path):
     for folder, expected in zip(folders, (source_logits, trained_logits)):
         assert remote[folder]["missing"] == [] and remote[folder]["unexpected"] == []
         assert remote[folder]["peers"] and remote[folder]["peers"][0].startswith("transformers_modules")
-        torch.testing.assert_close(torch.load(f"{folder}/remote_logits.pt"), expected, atol=0, rtol=0)
+        # another process may split the matmuls over a different number of threads: float32 round-off, not exact
+        torch.testing.assert_close(torch.load(f"{folder}/remote_logits.pt"), expected)
 
 
 @pytest.mark.slow
