@@ -11,8 +11,6 @@ sequences never contain a held-out 4-digit window, so evaluated sequences are ne
 
 import hashlib
 import random
-import shutil
-import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +20,7 @@ from torch.utils.data import Dataset
 from modeling_whisper_moe.audio import load_audio
 from modeling_whisper_moe.pipeline_text_to_audio import normalize_tts_text
 from modeling_whisper_moe.vocoder import HOP_LENGTH, SAMPLING_RATE, log_mel_spectrogram
+from processing.espeak import speak
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 HELD_OUT_BUCKETS = 10  # one 4-digit sequence in ten is held out for evaluation
@@ -70,17 +69,6 @@ def training_sequence(rng: random.Random, min_digits: int, max_digits: int) -> s
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def espeak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
-    """Speak `text` with espeak-ng; returns 16 kHz mono float32."""
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is not installed; install it with `apt-get install -y espeak-ng`.")
-    command = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text]
-    result = subprocess.run(command, capture_output=True, check=False)
-    if result.returncode != 0 or not result.stdout:
-        raise RuntimeError(f"espeak-ng failed for voice {voice!r}: {result.stderr.decode(errors='replace')}")
-    return load_audio(result.stdout, SAMPLING_RATE)
-
-
 def trim_silence(audio: np.ndarray) -> np.ndarray:
     """Drop leading and trailing samples quieter than SILENCE_THRESHOLD of the peak."""
     loud = np.flatnonzero(np.abs(audio) > SILENCE_THRESHOLD * np.abs(audio).max())
@@ -117,7 +105,7 @@ class DigitClipBank:
             raise ValueError(f"need at least one voice, speed and pitch, got {voices}, {speeds}, {pitches}.")
         styles = [Style(v, s, p) for v in range(len(voices)) for s in speeds for p in pitches]
         clips = {
-            (style, digit): espeak(word, voices[style.voice], style.speed, style.pitch)
+            (style, digit): speak(word, voices[style.voice], style.speed, style.pitch)
             for style in styles
             for digit, word in enumerate(DIGIT_WORDS)
         }
@@ -263,7 +251,7 @@ class EspeakSentenceDataset(Dataset):
         rng = random.Random(self.seed * 1_000_003 + index)
         words = self.texts[index % len(self.texts)]
         voice, speed, pitch = rng.randrange(len(self.voices)), rng.choice(self.speeds), rng.choice(self.pitches)
-        clips = [trim_silence(espeak(word, self.voices[voice], speed, pitch)) for word in words]
+        clips = [trim_silence(speak(word, self.voices[voice], speed, pitch)) for word in words]
         pauses = [rng.randint(*self.pause_frames) for _ in words]
         waveform, word_frames = join_words(clips, pauses, self.frames_multiple)
         return encode_utterance(words, word_frames, waveform, voice, self.num_speakers, self.tokenizer,

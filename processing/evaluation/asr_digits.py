@@ -24,10 +24,11 @@ from pathlib import Path
 
 from modeling_whisper_moe.audio import save_audio
 from modeling_whisper_moe.features import SAMPLING_RATE
+from processing.espeak import speak
 from processing.evaluation.common import Evaluator, ModelRef, add_flag, markdown_table, or_default
 from processing.isolation import run_self_contained
 from processing.metrics import digit_wer, to_digits
-from processing.tts_data import digits_to_words, espeak, held_out_sequences
+from processing.tts_data import digits_to_words, held_out_sequences
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FSDD_MANIFEST = REPO_ROOT.parent / "shared" / "data" / "fsdd" / "manifest.csv"
@@ -82,7 +83,7 @@ def digit_test_sets(num_sequences: int, voice: str, workdir: Path) -> TestSets:
     sequences = held_out_sequences(num_sequences, seed=UNSEEN_SEED)
     paths = []
     for index, digits in enumerate(sequences):
-        audio = espeak(digits_to_words(digits), voice, UNSEEN_SPEED, UNSEEN_PITCH)
+        audio = speak(digits_to_words(digits), voice, UNSEEN_SPEED, UNSEEN_PITCH)
         paths.append(str(save_audio(workdir / f"unseen-{index:03d}.wav", audio, SAMPLING_RATE)))
     return {f"fsdd_{FSDD_SPLIT}": fsdd, f"unseen_voice_{voice}": (paths, [" ".join(digits) for digits in sequences])}
 

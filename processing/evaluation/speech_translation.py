@@ -27,8 +27,6 @@ import csv
 import json
 import os
 import random
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,6 +37,7 @@ import numpy as np
 
 from modeling_whisper_moe.audio import load_audio, save_audio
 from modeling_whisper_moe.features import N_SAMPLES, SAMPLING_RATE
+from processing.espeak import ESPEAK_MISSING, espeak_installed, speak
 from processing.evaluation.common import Evaluator, ModelRef, add_flag
 from processing.isolation import run_self_contained
 from processing.metrics import bleu_chrf
@@ -59,7 +58,6 @@ VOICES = {
 SPEECH_RATE_WPM = 150  # espeak-ng's default of 175 words per minute is hurried
 # Sentences of 4-20 words: long enough to carry content, short enough for one 30 s window.
 MIN_WORDS, MAX_WORDS = 4, 20
-ESPEAK = "espeak-ng"
 # A 20-word sentence is under 60 tokens; the cap stops a looping hallucination (both systems get the same cap).
 MAX_NEW_TOKENS = 128
 FASTER_WHISPER_RUNS = {"faster-whisper": False, "faster-whisper-padded-audio": True}  # name: audio padded to 30 s
@@ -105,8 +103,8 @@ def check_args(args: argparse.Namespace) -> None:
     for model in args.model:
         if not (Path(model.path) / "config.json").is_file():
             raise SystemExit(f"--model {model.path}: no config.json; expected a saved WhisperMoE folder")
-    if shutil.which(ESPEAK) is None:
-        raise SystemExit(f"{ESPEAK} not found: apt-get install -y espeak-ng")
+    if not espeak_installed():
+        raise SystemExit(ESPEAK_MISSING)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,13 +132,10 @@ def sample_sentences(data_dir: Path, language: str, count: int, seed: int) -> li
 def synthesise(clips: list[Clip], audio_dir: Path) -> None:
     """Speak each clip with espeak-ng and store it as 16 kHz FLAC (sets `clip.path`)."""
     audio_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        for clip in clips:
-            wav = Path(scratch) / f"{clip.id}.wav"
-            command = [ESPEAK, "-v", clip.voice, "-s", str(SPEECH_RATE_WPM), "-w", str(wav), clip.source]
-            subprocess.run(command, check=True, capture_output=True)
-            # resampled once here, so neither system's own resampler makes a difference
-            clip.path = str(save_audio(audio_dir / f"{clip.id}.flac", load_audio(wav, SAMPLING_RATE), SAMPLING_RATE))
+    for clip in clips:
+        # resampled once here, so neither system's own resampler makes a difference
+        audio = speak(clip.source, clip.voice, speed=SPEECH_RATE_WPM, sampling_rate=SAMPLING_RATE)
+        clip.path = str(save_audio(audio_dir / f"{clip.id}.flac", audio, SAMPLING_RATE))
 
 
 # ---------------------------------------------------------------------------------------------------------------

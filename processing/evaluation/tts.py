@@ -28,10 +28,11 @@ import torch
 from modeling_whisper_moe.audio import save_audio
 from modeling_whisper_moe.features import SAMPLING_RATE, log_mel_spectrogram
 from modeling_whisper_moe.vocoder import mel_to_waveform
+from processing.espeak import speak
 from processing.evaluation.common import Evaluator, ModelRef, add_flag, markdown_table, or_default
 from processing.isolation import run_self_contained
 from processing.metrics import digit_wer, to_digits
-from processing.tts_data import digits_to_words, espeak, held_out_sequences, is_held_out
+from processing.tts_data import digits_to_words, held_out_sequences, is_held_out
 
 CACHE_DIR = Path.home() / ".cache" / "whisper-moe"
 DEFAULT_NUM_SEQUENCES = 50
@@ -126,7 +127,7 @@ def synthesise_ceilings(texts: list[str], out_dir: Path) -> tuple[list[Path], li
     """espeak-ng's speech of each text, and the same speech after log-mel -> Griffin-Lim."""
     direct, vocoded = [], []
     for index, text in enumerate(texts):
-        audio = espeak(text, CEILING_VOICE, CEILING_SPEED, CEILING_PITCH)
+        audio = speak(text, CEILING_VOICE, CEILING_SPEED, CEILING_PITCH)
         resynthesised = mel_to_waveform(log_mel_spectrogram(torch.from_numpy(audio))).numpy()
         direct.append(save_audio(out_dir / f"espeak-{index:03d}.wav", audio, SAMPLING_RATE))
         vocoded.append(save_audio(out_dir / f"vocoded-{index:03d}.wav", resynthesised, SAMPLING_RATE))
