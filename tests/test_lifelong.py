@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY, TINY_FRAMES, tiny_moe
+from conftest import tiny_batch, tiny_moe
 from datasets import Dataset
 
 from modeling_whisper_moe.growth import grow_experts, previous_model
@@ -17,14 +17,6 @@ from processing.lifelong import (
     mix_replay,
     parse_layers,
 )
-
-
-def _batch(batch: int = 4, tgt_len: int = 5, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch, TINY["num_mel_bins"], TINY_FRAMES, generator=generator)
-    labels = torch.randint(4, TINY["vocab_size"], (batch, tgt_len), generator=generator)
-    labels[0, -2:] = -100  # padding
-    return {"input_features": features, "labels": labels}
 
 
 def _grown(**overrides):
@@ -45,7 +37,7 @@ def test_lifelong_mode_trains_only_the_new_phase_even_with_weight_decay():
     model.train()
     for step in range(3):
         optimizer.zero_grad()
-        model(**_batch(seed=step)).loss.backward()
+        model(**tiny_batch(seed=step)).loss.backward()
         optimizer.step()
         frozen.restore()
     changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, old[name])}
@@ -67,18 +59,18 @@ def test_lifelong_mode_trains_only_the_new_phase_even_with_weight_decay():
     # the previous model is still exactly the model before growth
     model.eval()
     with torch.no_grad(), previous_model(model):
-        before = model(**_batch(seed=9)).logits
+        before = model(**tiny_batch(seed=9)).logits
     reference = tiny_moe()
     with torch.no_grad():
         for name, parameter in reference.named_parameters():
             parameter.copy_(old[name][: parameter.shape[0]] if ".mlp." in name else old[name])
-    assert torch.equal(reference(**_batch(seed=9)).logits, before)
+    assert torch.equal(reference(**tiny_batch(seed=9)).logits, before)
 
 
 def test_distillation_is_zero_at_growth_and_grows_after_training():
     model = _grown()
     apply_lifelong_mode(model)
-    batch = _batch()
+    batch = tiny_batch()
     model.train()
     model.config.router_jitter_noise = 0.0
     outputs = model(**batch)
@@ -97,7 +89,7 @@ def test_anchoring_pushes_replay_tokens_to_the_null_expert():
     model = _grown()
     apply_lifelong_mode(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    batch, is_replay = _batch(), torch.tensor([1, 1, 1, 1])
+    batch, is_replay = tiny_batch(), torch.tensor([1, 1, 1, 1])
     model.train()
     losses = []
     for _ in range(5):

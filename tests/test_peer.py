@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, TINY, TINY_FRAMES, run_without_package, tiny_moe, tiny_moe_config
+from conftest import REPO_ROOT, TINY, run_without_package, tiny_batch, tiny_moe, tiny_moe_config
 
 from modeling_whisper_moe import WhisperMoEConfig, WhisperMoEForConditionalGeneration, WhisperMoEProcessor, load_audio
 from modeling_whisper_moe.growth import grow_experts, grow_peer, previous_model
@@ -16,14 +16,6 @@ from processing.lifelong import LifelongArguments, apply_lifelong_mode, grow_for
 
 SPEC = {"num_keys": 8, "num_heads": 2, "num_experts_per_head": 3, "key_dim": 8}  # 64 experts, 6 per token
 PEER_PARAMETERS = ("up.weight", "down.weight", "query.weight", "sub_keys", "query_norm.weight", "query_norm.bias")
-
-
-def _batch(batch: int = 4, tgt_len: int = 5, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch, TINY["num_mel_bins"], TINY_FRAMES, generator=generator)
-    labels = torch.randint(4, TINY["vocab_size"], (batch, tgt_len), generator=generator)
-    labels[0, -2:] = -100  # padding
-    return {"input_features": features, "labels": labels}
 
 
 def _perturbed(model: WhisperMoEForConditionalGeneration, fragment: str = ".mlp.", seed: int = 1):
@@ -53,7 +45,7 @@ def _peer(seed: int = 0, **overrides) -> PEER:
 def test_growing_peer_keeps_every_output(mode):
     model = _perturbed(tiny_moe(decoder_sparse_layers=[1]))
     model.train(mode == "train")
-    batch = _batch()
+    batch = tiny_batch()
     before = _logits(model, batch)
     model.add_peer(**SPEC, encoder_layers=[], decoder_layers=[0, 1])
     assert model.config.expert_growth == [
@@ -127,7 +119,7 @@ def _train(model, steps: int = 3, lr: float = 1e-2) -> None:
     model.train()
     for step in range(steps):
         optimizer.zero_grad()
-        model(**_batch(seed=step)).loss.backward()
+        model(**tiny_batch(seed=step)).loss.backward()
         optimizer.step()
         frozen.restore()
     model.eval()
@@ -135,7 +127,7 @@ def _train(model, steps: int = 3, lr: float = 1e-2) -> None:
 
 def test_lifelong_trains_only_the_peer_blocks_and_the_previous_model_is_the_source():
     model = _grown_with_peer()
-    batch = _batch(seed=9)
+    batch = tiny_batch(seed=9)
     source_logits = _logits(model, batch)
     old = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     _train(model)
@@ -153,7 +145,7 @@ def test_a_second_phase_leaves_the_first_peer_bit_identical():
     model = _grown_with_peer()
     _train(model)
     first_phase = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    batch = _batch(seed=9)
+    batch = tiny_batch(seed=9)
     after_first = _logits(model, batch)
     grow_peer(model, **SPEC, encoder_layers=[1], decoder_layers=[1], seed=1)
     _train(model)
@@ -166,7 +158,7 @@ def test_a_second_phase_leaves_the_first_peer_bit_identical():
 
 def test_experts_and_peer_grown_in_one_phase_train_together():
     model = _perturbed(tiny_moe())
-    batch = _batch()
+    batch = tiny_batch()
     before = _logits(model, batch)
     grow_experts(model, num_new=2, encoder_layers=[], decoder_layers=[1], peer=SPEC)
     torch.testing.assert_close(_logits(model, batch), before, atol=0, rtol=0)
@@ -197,7 +189,7 @@ def test_lifelong_arguments_grow_peer_and_anchoring_is_skipped(caplog, tmp_path)
     assert model.config.expert_growth[-1]["peer"] == SPEC and model.config.expert_growth[-1]["num_experts"] == 0
     apply_lifelong_mode(model)
     model.train()
-    batch = _batch()
+    batch = tiny_batch()
     outputs = model(**batch)
     losses = lifelong_losses(model, batch, outputs, torch.tensor([1, 1, 0, 0]), args)
     assert set(losses) == {"distill_loss"}  # no router to anchor; the block adds 0 yet, so student == teacher
@@ -287,7 +279,7 @@ RELOAD_SCRIPT = textwrap.dedent(
 
 def test_saved_folders_reload_without_the_package(tmp_path):
     model = _perturbed(tiny_moe())
-    batch = _batch()
+    batch = tiny_batch()
     source_logits = _logits(model, batch)
     grow_peer(model, **SPEC, decoder_layers=[0, 1])
     model.save_pretrained(tmp_path / "step0")
