@@ -15,7 +15,7 @@ divides the decoder's work by that factor; token durations are then whole multip
 Training uses known durations (frames per token); generation predicts them, so the output length is decided up
 front and every frame is computed in one pass. [`vocoder.py`](vocoder.py) turns the frames into audio.
 
-Two models share this speech output ([`SpeechOutputMixin`]): [`WhisperMoEForTextToSpeech`], a text-to-speech model
+Two models share this speech output ([`SpeechOutput`]): [`WhisperMoEForTextToSpeech`], a text-to-speech model
 with its own encoder and mel-decoder layers, and [`WhisperMoEForSpeechAndText`], the generalist: Whisper's
 encoder-decoder (speech or text in, text out) whose same encoder and decoder layers, with the same experts, also
 speak. Which task runs is decided by the inputs: audio features or token ids into the encoder, and either the
@@ -50,6 +50,10 @@ MAX_FRAMES_PER_TOKEN = 150  # 1.5 s: no single text token is spoken longer; caps
 POSTNET_KERNEL = 5  # frames each post-net convolution sees (Tacotron 2)
 DURATION_KERNEL = 3  # tokens each duration-predictor convolution sees
 MAX_TIMESCALE = 10_000.0  # longest period of the sinusoidal position features, as in Whisper and the Transformer
+# folders saved before the speech-only parts moved under `speech.` name them at the top level
+LEGACY_SPEECH_KEYS = {
+    r"^(speaker_projection|duration_predictor|progress_projection|mel_head|postnet)\.": r"speech.\1."
+}
 TTS_CLASS = "modeling_whisper_moe_tts.WhisperMoEForTextToSpeech"
 GENERALIST_CLASS = "modeling_whisper_moe_tts.WhisperMoEForSpeechAndText"
 
@@ -201,35 +205,22 @@ class WhisperMoETextToSpeechOutput(ModelOutput):
     decoder_z_loss: torch.Tensor | None = None
 
 
-class SpeechOutputMixin:
+class SpeechOutput(nn.Module):
     """Log-mel output for a WhisperMoE model with a text front-end (see the module docstring).
 
-    The host model provides the text encoder (`speech_encoder`), the decoder layers the frames run through
-    (`speech_decoder_layers`) and their final norm (`speech_decoder_norm`), and calls `_init_speech_heads` in its
-    `__init__`; this mixin adds the speech-only parts (speaker projection, duration predictor, frame-progress
-    projection, mel head, post-net) and the speech forward, loss and generation.
+    Holds every speech-only part (speaker projection, duration predictor, frame-progress projection, mel head,
+    post-net); the host passes the text encoder, the decoder layers the frames run through and their final norm
+    into each call, so those stay registered once, in the host.
     """
 
-    config: WhisperMoEConfig
-
-    @property
-    def speech_encoder(self) -> WhisperMoEEncoder:
-        raise NotImplementedError
-
-    @property
-    def speech_decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    @property
-    def speech_decoder_norm(self) -> nn.LayerNorm:
-        raise NotImplementedError
-
-    def _init_speech_heads(self, config: WhisperMoEConfig) -> None:
+    def __init__(self, config: WhisperMoEConfig):
+        super().__init__()
         if not config.text_frontend:
             raise ValueError(
-                f"{type(self).__name__} speaks text: it needs config.text_frontend=True (the encoder's text "
-                "front-end), got False."
+                "Speech output reads text: it needs config.text_frontend=True (the encoder's text front-end), "
+                "got False."
             )
+        self.config = config
         speaker_dim = config.tts_speaker_embedding_dim
         self.speaker_projection = nn.Linear(speaker_dim, config.d_model) if speaker_dim > 0 else None
         self.duration_predictor = DurationPredictor(config)
@@ -239,10 +230,14 @@ class SpeechOutputMixin:
         self.postnet = PostNet(config) if config.tts_postnet_layers > 0 else None
 
     def encode_text(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, speaker_embeddings: torch.Tensor | None
+        self,
+        encoder: WhisperMoEEncoder,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        speaker_embeddings: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(batch, text_len) ids -> (batch, text_len, d_model) encoding with the speaker added, and router logits."""
-        encoded = self.speech_encoder(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+        encoded = encoder(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
         hidden_states = encoded.last_hidden_state
         if self.speaker_projection is not None:
             if speaker_embeddings is None:
@@ -261,7 +256,12 @@ class SpeechOutputMixin:
         return hidden_states, tuple(encoded.get("router_logits") or ())
 
     def decode_frames(
-        self, text_states: torch.Tensor, attention_mask: torch.Tensor, durations: torch.Tensor
+        self,
+        decoder_layers: nn.ModuleList,
+        decoder_norm: nn.LayerNorm,
+        text_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        durations: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """Text encoding (batch, text_len, d_model) and frames per token (batch, text_len) -> log-mel
         (batch, frames, num_mel_bins), frames mask (batch, frames), decoder-step mask (batch, frames / reduction)
@@ -286,8 +286,8 @@ class SpeechOutputMixin:
         num_steps, dtype = hidden_states.shape[1], hidden_states.dtype
         self_mask = padding_bias(step_mask, num_steps, dtype)
         cross_mask = padding_bias(attention_mask, num_steps, dtype)
-        with recording_router_logits(self.speech_decoder_layers) as router_logits:
-            for layer in self.speech_decoder_layers:
+        with recording_router_logits(decoder_layers) as router_logits:
+            for layer in decoder_layers:
                 hidden_states = layer(
                     hidden_states,
                     attention_mask=self_mask,
@@ -296,15 +296,18 @@ class SpeechOutputMixin:
                     cache=None,
                     use_cache=False,
                 )
-        mel = self.mel_head(self.speech_decoder_norm(hidden_states))  # (batch, steps, reduction * num_mel_bins)
+        mel = self.mel_head(decoder_norm(hidden_states))  # (batch, steps, reduction * num_mel_bins)
         mel = mel.reshape(len(mel), num_steps * reduction, self.config.num_mel_bins)
         frame_mask = step_mask.repeat_interleave(reduction, dim=1)
         if self.postnet is not None:
             mel = self.postnet(mel, frame_mask)
         return mel, frame_mask, step_mask, tuple(router_logits)
 
-    def forward_speech(
+    def forward(
         self,
+        encoder: WhisperMoEEncoder,
+        decoder_layers: nn.ModuleList,
+        decoder_norm: nn.LayerNorm,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         durations: torch.LongTensor | None = None,
@@ -321,11 +324,13 @@ class SpeechOutputMixin:
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        text_states, encoder_logits = self.encode_text(input_ids, attention_mask, speaker_embeddings)
+        text_states, encoder_logits = self.encode_text(encoder, input_ids, attention_mask, speaker_embeddings)
         log_durations = self.duration_predictor(text_states, attention_mask)
         if durations is None:
             durations = self.durations_from_log(log_durations, attention_mask)
-        mel, frame_mask, step_mask, decoder_logits = self.decode_frames(text_states, attention_mask, durations)
+        mel, frame_mask, step_mask, decoder_logits = self.decode_frames(
+            decoder_layers, decoder_norm, text_states, attention_mask, durations
+        )
         losses = router_losses(encoder_logits, decoder_logits, attention_mask, step_mask, self.config)
         output = WhisperMoETextToSpeechOutput(
             spectrogram=mel, log_durations=log_durations, frames_mask=frame_mask, **losses
@@ -357,8 +362,9 @@ class SpeechOutputMixin:
         return steps * reduction * attention_mask.long()
 
     @torch.no_grad()
-    def generate_speech(
+    def generate(
         self,
+        parts: tuple[WhisperMoEEncoder, nn.ModuleList, nn.LayerNorm],
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         speaker_embeddings: torch.Tensor | None = None,
@@ -371,15 +377,43 @@ class SpeechOutputMixin:
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        output = self.forward_speech(input_ids, attention_mask, speaker_embeddings=speaker_embeddings)
+        output = self(*parts, input_ids, attention_mask, speaker_embeddings=speaker_embeddings)
         if speed != 1.0:
             durations = self.durations_from_log(output.log_durations, attention_mask, speed)
-            output = self.forward_speech(input_ids, attention_mask, durations, speaker_embeddings=speaker_embeddings)
+            output = self(*parts, input_ids, attention_mask, durations, speaker_embeddings=speaker_embeddings)
         lengths = output.frames_mask.sum(dim=-1).tolist()
         return [mel[:length] for mel, length in zip(output.spectrogram, lengths)]
 
 
-class WhisperMoEForTextToSpeech(SpeechOutputMixin, WhisperMoEPreTrainedModel):
+class SpeechOutputHost:
+    """What both speaking models share: a `speech` [`SpeechOutput`] fed with the host's encoder, decoder layers
+    and decoder norm (`speech_parts`), and the loading of folders saved before the speech parts moved under
+    `speech.`."""
+
+    speech: SpeechOutput
+
+    def speech_parts(self) -> tuple[WhisperMoEEncoder, nn.ModuleList, nn.LayerNorm]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("key_mapping", LEGACY_SPEECH_KEYS)
+        return super().from_pretrained(*args, **kwargs)
+
+    def forward_speech(self, input_ids: torch.LongTensor, *args, **kwargs) -> WhisperMoETextToSpeechOutput:
+        """See [`SpeechOutput.forward`]."""
+        return self.speech(*self.speech_parts(), input_ids, *args, **kwargs)
+
+    def durations_from_log(self, *args, **kwargs) -> torch.LongTensor:
+        """See [`SpeechOutput.durations_from_log`]."""
+        return self.speech.durations_from_log(*args, **kwargs)
+
+    def generate_speech(self, input_ids: torch.LongTensor, *args, **kwargs) -> list[torch.Tensor]:
+        """See [`SpeechOutput.generate`]."""
+        return self.speech.generate(self.speech_parts(), input_ids, *args, **kwargs)
+
+
+class WhisperMoEForTextToSpeech(SpeechOutputHost, WhisperMoEPreTrainedModel):
     """Text -> Whisper log-mel frames with the WhisperMoE encoder and MoE decoder layers (see the module docstring).
 
     Needs `config.text_frontend=True` (the encoder's text front-end). The encoder's audio front-end stays in place,
@@ -391,23 +425,14 @@ class WhisperMoEForTextToSpeech(SpeechOutputMixin, WhisperMoEPreTrainedModel):
 
     def __init__(self, config: WhisperMoEConfig):
         super().__init__(config)
-        self._init_speech_heads(config)  # first: it checks that config has a text front-end
+        self.speech = SpeechOutput(config)  # first: it checks that config has a text front-end
         self.encoder = WhisperMoEEncoder(config)
         self.decoder_layers = nn.ModuleList([WhisperMoEDecoderLayer(config, i) for i in range(config.decoder_layers)])
         self.decoder_layer_norm = nn.LayerNorm(config.d_model)
         self.post_init()
 
-    @property
-    def speech_encoder(self) -> WhisperMoEEncoder:
-        return self.encoder
-
-    @property
-    def speech_decoder_layers(self) -> nn.ModuleList:
-        return self.decoder_layers
-
-    @property
-    def speech_decoder_norm(self) -> nn.LayerNorm:
-        return self.decoder_layer_norm
+    def speech_parts(self) -> tuple[WhisperMoEEncoder, nn.ModuleList, nn.LayerNorm]:
+        return self.encoder, self.decoder_layers, self.decoder_layer_norm
 
     def forward(
         self,
@@ -418,7 +443,7 @@ class WhisperMoEForTextToSpeech(SpeechOutputMixin, WhisperMoEPreTrainedModel):
         labels_mask: torch.Tensor | None = None,
         speaker_embeddings: torch.Tensor | None = None,
     ) -> WhisperMoETextToSpeechOutput:
-        """See [`SpeechOutputMixin.forward_speech`]."""
+        """See [`SpeechOutput.forward`]."""
         return self.forward_speech(input_ids, attention_mask, durations, labels, labels_mask, speaker_embeddings)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
@@ -434,7 +459,7 @@ class WhisperMoEForTextToSpeech(SpeechOutputMixin, WhisperMoEPreTrainedModel):
                 (staging / "README.md").write_text(_model_card(self), encoding="utf-8")
 
 
-class WhisperMoEForSpeechAndText(SpeechOutputMixin, WhisperMoEForConditionalGeneration):
+class WhisperMoEForSpeechAndText(SpeechOutputHost, WhisperMoEForConditionalGeneration):
     """The generalist: one WhisperMoE encoder-decoder for speech recognition and translation (audio in), text
     translation (token ids in) and text-to-speech (token ids in, log-mel out).
 
@@ -450,20 +475,11 @@ class WhisperMoEForSpeechAndText(SpeechOutputMixin, WhisperMoEForConditionalGene
 
     def __init__(self, config: WhisperMoEConfig):
         super().__init__(config)
-        self._init_speech_heads(config)
+        self.speech = SpeechOutput(config)
         self.post_init()
 
-    @property
-    def speech_encoder(self) -> WhisperMoEEncoder:
-        return self.model.encoder
-
-    @property
-    def speech_decoder_layers(self) -> nn.ModuleList:
-        return self.model.decoder.layers
-
-    @property
-    def speech_decoder_norm(self) -> nn.LayerNorm:
-        return self.model.decoder.layer_norm
+    def speech_parts(self) -> tuple[WhisperMoEEncoder, nn.ModuleList, nn.LayerNorm]:
+        return self.model.encoder, self.model.decoder.layers, self.model.decoder.layer_norm
 
     def forward(
         self,
@@ -488,7 +504,7 @@ class WhisperMoEForSpeechAndText(SpeechOutputMixin, WhisperMoEForConditionalGene
     ) -> WhisperMoEOutput | WhisperMoETextToSpeechOutput:
         """Text out: Whisper's forward (see [`WhisperMoEForConditionalGeneration.forward`]). Speech out, when
         `durations` (batch, text_len) or `spectrogram_labels` (batch, frames, num_mel_bins) are given: the
-        text-to-speech pass of [`SpeechOutputMixin.forward_speech`] on `input_ids`, with `spectrogram_mask` and
+        text-to-speech pass of [`SpeechOutput.forward`] on `input_ids`, with `spectrogram_mask` and
         `speaker_embeddings`."""
         if durations is not None or spectrogram_labels is not None:
             text_only = {"input_features": input_features, "labels": labels, "decoder_input_ids": decoder_input_ids,
@@ -538,7 +554,7 @@ def _model_card(model: WhisperMoEForTextToSpeech) -> str:
 
 
 __all__ = [
-    "SpeechOutputMixin",
+    "SpeechOutput",
     "WhisperMoEForSpeechAndText",
     "WhisperMoEForTextToSpeech",
     "WhisperMoETextToSpeechOutput",

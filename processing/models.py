@@ -43,7 +43,7 @@ ARCHITECTURE_FIELDS = {  # ModelArguments field -> the WhisperMoEConfig fields i
     "tts_postnet_layers": ("tts_postnet_layers",),
     "tts_reduction_factor": ("tts_reduction_factor",),
 }
-SPEECH_HEADS = ("speaker_projection.", "duration_predictor.", "progress_projection.", "mel_head.", "postnet.")
+SPEECH_HEADS = ("speech.",)
 logger = logging.getLogger(__name__)
 
 

@@ -110,7 +110,7 @@ def test_forward_shapes_and_losses():
     torch.testing.assert_close(output.loss, parts)
     assert output.encoder_aux_loss is not None and output.decoder_z_loss is not None
     output.loss.backward()
-    assert model.encoder.embed_text_tokens.weight.grad is not None and model.mel_head.weight.grad is not None
+    assert model.encoder.embed_text_tokens.weight.grad is not None and model.speech.mel_head.weight.grad is not None
 
 
 def test_padding_changes_nothing():
@@ -275,3 +275,20 @@ def test_pipeline_from_saved_folder_without_the_package(tiny_en_dense, tmp_path)
     # "3 1 4" is three tokens, each at least one decoder step of REDUCTION frames of HOP_LENGTH samples
     assert result["samples"] >= 3 * REDUCTION * HOP_LENGTH and result["samples"] % (REDUCTION * HOP_LENGTH) == 0
     assert result["written_samples"] == result["samples"] and result["voiced_samples"] > 0
+
+
+def test_folder_with_old_speech_key_names_loads_the_same(tmp_path):
+    """Folders saved before the speech parts moved under `speech.` load with every weight in place."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_tts(tts_speaker_embedding_dim=3, tts_postnet_layers=2).eval()
+    model.save_pretrained(tmp_path)
+    weights_file = tmp_path / "model.safetensors"
+    new_keys = load_file(weights_file)
+    assert any(key.startswith("speech.mel_head.") for key in new_keys)
+    old_keys = {key.removeprefix("speech."): value for key, value in new_keys.items()}
+    save_file(old_keys, weights_file, metadata={"format": "pt"})
+    loaded, info = WhisperMoEForTextToSpeech.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    input_ids = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(loaded.generate_speech(input_ids)[0], model.generate_speech(input_ids)[0])
