@@ -341,10 +341,17 @@ def replay_clips(
     return paths
 
 
-def pseudo_label_manifests(model: nn.Module, processor, manifests: Sequence[str], output_csv: Path, **select) -> Path:
-    """Transcribe every clip `replay_clips(manifests, **select)` keeps with `model` (greedy, 30 s windows) into
-    `output_csv` (path,text, absolute paths). An existing file listing the same clips is reused, so a resumed run
-    labels nothing twice."""
+def pseudo_label_manifests(
+    model: nn.Module,
+    processor,
+    manifests: Sequence[str],
+    output_csv: Path,
+    max_new_tokens: int | None = None,
+    **select,
+) -> Path:
+    """Transcribe every clip `replay_clips(manifests, **select)` keeps with `model` (greedy, 30 s windows, at most
+    `max_new_tokens` each, so no label outgrows what training keeps) into `output_csv` (path,text, absolute paths).
+    An existing file listing the same clips is reused, so a resumed run labels nothing twice."""
     paths = replay_clips(manifests, **select)
     if not paths:
         raise ValueError(f"The replay manifests {list(manifests)} hold no clips.")
@@ -352,7 +359,7 @@ def pseudo_label_manifests(model: nn.Module, processor, manifests: Sequence[str]
         with open(output_csv, newline="", encoding="utf-8") as handle:
             if [row["path"] for row in csv.DictReader(handle)] == paths:
                 return output_csv
-    texts = _transcribe(model, processor, paths)
+    texts = _transcribe(model, processor, paths, max_new_tokens)
     staging = output_csv.with_name(f".{output_csv.name}.partial")
     with open(staging, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -363,7 +370,7 @@ def pseudo_label_manifests(model: nn.Module, processor, manifests: Sequence[str]
 
 
 @torch.no_grad()
-def _transcribe(model: nn.Module, processor, paths: list[str]) -> list[str]:
+def _transcribe(model: nn.Module, processor, paths: list[str], max_new_tokens: int | None) -> list[str]:
     from modeling_whisper_moe import load_audio
 
     sampling_rate = processor.feature_extractor.sampling_rate
@@ -373,7 +380,8 @@ def _transcribe(model: nn.Module, processor, paths: list[str]) -> list[str]:
     for start in range(0, len(paths), PSEUDO_LABEL_BATCH):
         audio = [load_audio(path, sampling_rate) for path in paths[start : start + PSEUDO_LABEL_BATCH]]
         features = processor.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors="pt")
-        ids = model.generate(features.input_features.to(model.device, model.dtype))
+        limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+        ids = model.generate(features.input_features.to(model.device, model.dtype), **limit)
         texts += [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
     model.train(was_training)
     return texts
@@ -409,7 +417,7 @@ def replay_mixture(task: str, train, collator, replay: Dataset, replay_collator,
     collators = {task: ReplayFlagCollator(collator), REPLAY_TASK: ReplayFlagCollator(replay_collator)}
     sampler = TaskBatchSampler(mixture.sizes(), {task: batch_size, REPLAY_TASK: batch_size},
                                {task: steps - replay_steps, REPLAY_TASK: replay_steps}, seed=seed)  # fmt: skip
-    return mixture, MultiTaskCollator(collators), sampler
+    return mixture, MultiTaskCollator(collators, default_task=task), sampler  # the held-out rows are `task`'s
 
 
 @dataclass

@@ -93,6 +93,8 @@ def replay_set(context: TaskContext, lifelong: LifelongArguments):
     set_decoder_prompt(context, "transcribe")  # replayed labels are transcripts, whatever the new task prompts
     labels_csv = pseudo_label_manifests(context.model, context.processor, lifelong.replay_manifest,
                                         output_dir / "replay_pseudo_labels.csv",
+                                        # the prompt (<|sot|>[<|lang|><|task|>]<|notimestamps|>) and <|eot|> count
+                                        max_new_tokens=context.data.max_label_length - 5,
                                         exclude_speakers=context.data.exclude_speakers or (),
                                         max_per_manifest=lifelong.replay_max_per_manifest,
                                         seed=context.seed)  # fmt: skip
