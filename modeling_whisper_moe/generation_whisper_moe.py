@@ -21,7 +21,9 @@ def language_token_id(generation_config: GenerationConfig, language: str) -> int
     """The id of `language`'s token: a code ("de"), a name ("german") or the token itself ("<|de|>")."""
     from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
-    lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
+    # English-only checkpoints keep their language tokens out of lang_to_id (its presence makes Whisper's audio
+    # generate() detect languages); text output reads the ones a text task taught it from text_lang_to_id.
+    lang_to_id = getattr(generation_config, "lang_to_id", None) or getattr(generation_config, "text_lang_to_id", {})
     code = language.strip("<|>").lower()
     code = TO_LANGUAGE_CODE.get(code, code)
     if f"<|{code}|>" not in lang_to_id:

@@ -38,12 +38,15 @@ from modeling_whisper_moe.configuration_whisper_moe import WhisperMoEConfig
 from modeling_whisper_moe.growth import grow_experts, previous_model
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX, WhisperMoERouter
 from modeling_whisper_moe.peer import PEER
+from processing.multitask import MultiTaskCollator, TaskBatchSampler, TaskMixture
 from processing.training import WhisperMoETrainer
 
 from .data import read_manifest
 
 REPLAY_COLUMN = "is_replay"  # 1 on rows of the replay set: the old domain the anchoring and distillation hold
 EXPERT_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+REPLAY_TASK = "replay"  # the replay batches' task name when the new task's rows are not audio (see replay_mixture)
+EVALUATION_SPLITS = ("test", "validation", "dev")  # rows replay never takes
 PSEUDO_LABEL_BATCH = 8  # clips the previous model transcribes at once when labelling the replay set
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class LifelongArguments:
     distill_new_data: bool = field(default=False, metadata={"help": "distil on the new data's rows as well"})
     replay_manifest: list[str] = field(default_factory=list, metadata={"help": "CSVs (path,text) of general audio"})
     replay_fraction: float = field(default=0.25, metadata={"help": "share of training rows drawn from replay"})
+    replay_max_per_manifest: int = field(
+        default=0, metadata={"help": "clips replay takes of each manifest, a seeded sample (0: all)"}
+    )
     lifelong_trainable: list[str] = field(
         default_factory=list, metadata={"help": "parameter-name fragments that train besides the new experts"}
     )
@@ -316,17 +322,44 @@ def lifelong_losses(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def pseudo_label_manifests(model: nn.Module, processor, manifests: Sequence[str], output_csv: Path) -> Path:
-    """Transcribe every clip of `manifests` with `model` (greedy, 30 s windows) into `output_csv` (path,text, absolute
-    paths). An existing file listing the same clips is reused, so a resumed run labels nothing twice."""
-    paths = [row for manifest in manifests for row in read_manifest(manifest)["audio"]]
+def replay_clips(
+    manifests: Sequence[str], exclude_speakers: Sequence[str] = (), max_per_manifest: int = 0, seed: int = 0
+) -> list[str]:
+    """The audio paths of `manifests` that replay may use: never a row of an evaluation split (a `split` column of
+    test / validation / dev) nor one of `exclude_speakers` (the held-out speakers a `speaker` column names); at most
+    `max_per_manifest` of each (a seeded sample; 0: all)."""
+    paths = []
+    for manifest in manifests:
+        rows = read_manifest(manifest)
+        if "split" in rows.column_names:
+            rows = rows.filter(lambda row: row["split"] not in EVALUATION_SPLITS)
+        if exclude_speakers and "speaker" in rows.column_names:
+            rows = rows.filter(lambda row: row["speaker"] not in set(exclude_speakers))
+        if max_per_manifest and len(rows) > max_per_manifest:
+            rows = rows.shuffle(seed=seed).select(range(max_per_manifest))
+        paths += rows["audio"]
+    return paths
+
+
+def pseudo_label_manifests(
+    model: nn.Module,
+    processor,
+    manifests: Sequence[str],
+    output_csv: Path,
+    max_new_tokens: int | None = None,
+    **select,
+) -> Path:
+    """Transcribe every clip `replay_clips(manifests, **select)` keeps with `model` (greedy, 30 s windows, at most
+    `max_new_tokens` each, so no label outgrows what training keeps) into `output_csv` (path,text, absolute paths).
+    An existing file listing the same clips is reused, so a resumed run labels nothing twice."""
+    paths = replay_clips(manifests, **select)
     if not paths:
         raise ValueError(f"The replay manifests {list(manifests)} hold no clips.")
     if output_csv.is_file():
         with open(output_csv, newline="", encoding="utf-8") as handle:
             if [row["path"] for row in csv.DictReader(handle)] == paths:
                 return output_csv
-    texts = _transcribe(model, processor, paths)
+    texts = _transcribe(model, processor, paths, max_new_tokens)
     staging = output_csv.with_name(f".{output_csv.name}.partial")
     with open(staging, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -337,7 +370,7 @@ def pseudo_label_manifests(model: nn.Module, processor, manifests: Sequence[str]
 
 
 @torch.no_grad()
-def _transcribe(model: nn.Module, processor, paths: list[str]) -> list[str]:
+def _transcribe(model: nn.Module, processor, paths: list[str], max_new_tokens: int | None) -> list[str]:
     from modeling_whisper_moe import load_audio
 
     sampling_rate = processor.feature_extractor.sampling_rate
@@ -347,7 +380,8 @@ def _transcribe(model: nn.Module, processor, paths: list[str]) -> list[str]:
     for start in range(0, len(paths), PSEUDO_LABEL_BATCH):
         audio = [load_audio(path, sampling_rate) for path in paths[start : start + PSEUDO_LABEL_BATCH]]
         features = processor.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors="pt")
-        ids = model.generate(features.input_features.to(model.device, model.dtype))
+        limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+        ids = model.generate(features.input_features.to(model.device, model.dtype), **limit)
         texts += [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
     model.train(was_training)
     return texts
@@ -369,6 +403,21 @@ def mix_replay(train: Dataset, replay: Dataset, fraction: float, seed: int) -> D
     if array_columns:  # keep the log-mels as numpy arrays (15x faster batches than nested lists)
         mixed = mixed.with_format("numpy", columns=array_columns, output_all_columns=True)
     return mixed
+
+
+def replay_mixture(task: str, train, collator, replay: Dataset, replay_collator, fraction: float, steps: int,
+                   batch_size: int, seed: int):  # fmt: skip
+    """(dataset, collator, batch sampler) for a new task whose rows cannot share a batch with replayed audio (text
+    translation): one-task batches, `fraction` of the `steps` of them replay, spread evenly over training."""
+    replay_steps = round(fraction * steps)
+    if not 0 < replay_steps < steps:
+        raise ValueError(f"replay_fraction {fraction} of {steps} steps leaves no replay or no new-task batch.")
+    replay = replay.add_column(REPLAY_COLUMN, [1] * len(replay))
+    mixture = TaskMixture({task: train, REPLAY_TASK: replay})
+    collators = {task: ReplayFlagCollator(collator), REPLAY_TASK: ReplayFlagCollator(replay_collator)}
+    sampler = TaskBatchSampler(mixture.sizes(), {task: batch_size, REPLAY_TASK: batch_size},
+                               {task: steps - replay_steps, REPLAY_TASK: replay_steps}, seed=seed)  # fmt: skip
+    return mixture, MultiTaskCollator(collators, default_task=task), sampler  # the held-out rows are `task`'s
 
 
 @dataclass

@@ -222,13 +222,15 @@ class TaskBatchSampler(Sampler[list[int]]):
 class MultiTaskCollator:
     """Collates a one-task batch with that task's collator and adds `task` (a string); the text-to-speech
     collator's `labels` / `labels_mask` (mel frames) are renamed `spectrogram_labels` / `spectrogram_mask`, since
-    `labels` are token ids for the other tasks. `speech_output_tasks` names the tasks whose outputs are mel."""
+    `labels` are token ids for the other tasks. `speech_output_tasks` names the tasks whose outputs are mel;
+    rows without a task (an evaluation set of one task) belong to `default_task`."""
 
     collators: Mapping[str, Callable[[list[dict]], dict]]
     speech_output_tasks: Sequence[str] = ()
+    default_task: str | None = None
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        tasks = {item.get(TASK_KEY) for item in items}
+        tasks = {item.get(TASK_KEY, self.default_task) for item in items}
         if len(tasks) != 1:
             raise ValueError(f"a batch must hold one task, got {sorted(map(str, tasks))}; use TaskBatchSampler.")
         (task,) = tasks

@@ -4,7 +4,7 @@ Each sparse layer keeps its own `keep` most-used experts (their stacked weights 
 pruned model has `num_experts = keep` everywhere and routes among the survivors exactly as before, minus the others.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,31 +20,28 @@ from processing.routing import router_token_masks
 
 
 @torch.no_grad()
-def routing_counts(
-    model: WhisperMoEForConditionalGeneration, batches: Iterable[dict[str, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """Routing slots given to each expert, per sparse block: {block name: (num_experts,) counts}.
+def each_routing(model: WhisperMoEForConditionalGeneration, batches: Iterable[dict], record: Callable) -> None:
+    """Run each of `batches` (model inputs) once and call `record(block, side, router, weights, index)` for every
+    sparse block, with the (real tokens, k) top-k routing weights and expert indices of that block.
 
-    `batches` yields model inputs (`input_features` or text `input_ids`, with `labels` or `decoder_input_ids`); each
-    is run once. Only real tokens count (see `router_token_masks`): decoder positions whose label is not -100, text
-    positions and mel frames that `attention_mask` marks real (a 30 s window's padding is left out).
+    Only real tokens count (see `router_token_masks`): decoder positions whose label is not -100, text positions
+    and mel frames that `attention_mask` marks real (a 30 s window's padding is left out).
     """
-    counts: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor | None] = {}
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, WhisperMoERouter):
             block = name.removesuffix("router").rstrip(".")
             side = "decoder" if ".decoder." in f".{block}." else "encoder"
-            counts[block] = torch.zeros(module.num_experts, dtype=torch.long)
 
-            def record(_module, _inputs, outputs, block=block, side=side):
-                chosen = outputs[2].reshape(-1, outputs[2].shape[-1]).cpu()  # (tokens, top_k)
+            def hook(router, _inputs, outputs, block=block, side=side):
+                weights, index = (tensor.reshape(-1, tensor.shape[-1]).cpu() for tensor in outputs[1:])
                 if masks[side] is not None:
-                    chosen = chosen[masks[side].reshape(-1).cpu()]
-                counts[block] += torch.bincount(chosen.reshape(-1), minlength=counts[block].numel())
+                    real = masks[side].reshape(-1).cpu()
+                    weights, index = weights[real], index[real]
+                record(block, side, router, weights.float(), index)
 
-            handles.append(module.register_forward_hook(record))
+            handles.append(module.register_forward_hook(hook))
     try:
         model.eval()
         for batch in batches:
@@ -53,7 +50,47 @@ def routing_counts(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def routing_counts(
+    model: WhisperMoEForConditionalGeneration, batches: Iterable[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Routing slots given to each expert, per sparse block, from the real tokens of `batches` (see
+    `each_routing`): {block name: (num_experts,) counts}."""
+    counts: dict[str, torch.Tensor] = {}
+
+    def record(block, _side, router, _weights, index):
+        counts.setdefault(block, torch.zeros(router.num_experts, dtype=torch.long))
+        counts[block] += torch.bincount(index.reshape(-1), minlength=router.num_experts)
+
+    each_routing(model, batches, record)
     return counts
+
+
+def phase_weight_shares(
+    model: WhisperMoEForConditionalGeneration, batches: Iterable[dict[str, torch.Tensor]]
+) -> dict[str, dict[str, float]]:
+    """Per side, the share of all routing weight that real tokens give to the experts the model started with
+    ("base") and to those each growth phase added ("phase i"): {side: {label: share}}, summing to 1 per side.
+
+    A grown group gives every token its top-k experts, weighted by their probability against the group's null
+    expert, so slot counts say nothing for it; the weight is what its experts add to the block's output. The share
+    of an old domain's weight on new experts is how much of its traffic moved to them.
+    """
+    totals: dict[str, dict[str, float]] = {}
+
+    def record(_block, side, router, weights, index):
+        labels = ["base"] + [f"phase {phase}" for phase in router.phases]
+        column_group = torch.cat([torch.full((size,), g) for g, (size, _) in enumerate(router.groups)])
+        groups = column_group[index.reshape(-1)]
+        group_weight = torch.zeros(len(router.groups)).index_add_(0, groups, weights.reshape(-1))
+        side_totals = totals.setdefault(side, {})
+        for label, weight in zip(labels, group_weight.tolist()):
+            side_totals[label] = side_totals.get(label, 0.0) + weight
+
+    each_routing(model, batches, record)
+    return {side: {label: weight / sum(parts.values()) for label, weight in parts.items()}
+            for side, parts in totals.items() if sum(parts.values()) > 0}  # fmt: skip
 
 
 def manifest_batches(

@@ -37,6 +37,7 @@ from processing.lifelong import (
     grow_for_phase,
     mix_replay,
     pseudo_label_manifests,
+    replay_mixture,
 )
 from processing.models import load_model
 from processing.multitask import MultiTaskCollator, TaskBatchSampler, TaskMixture
@@ -45,6 +46,7 @@ from processing.tasks.asr import set_decoder_prompt
 from processing.training import WallTimeBudget, WhisperMoETrainer, apply_training_mode
 
 TEXT_INPUT_TASKS = ("translation",)  # tasks that need the encoder's text front-end on a speech-to-text model
+AUDIO_INPUT_TASKS = ("asr",)  # tasks whose rows replayed audio can share a batch with
 # what the training record lists of the run's effective settings (recipe overlaid with flags)
 CARD_HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
                         "num_train_epochs", "warmup_steps", "lr_scheduler_type", "adam_beta1", "adam_beta2",
@@ -84,15 +86,20 @@ def choose_trained(model, model_args: ModelArguments, lifelong: LifelongArgument
     return trained, None
 
 
-def with_replay(train, context: TaskContext, lifelong: LifelongArguments):
-    """`train` mixed with the replay manifests' audio, transcribed by the model before this phase trains it."""
+def replay_set(context: TaskContext, lifelong: LifelongArguments):
+    """The replay manifests' audio (no evaluation rows), transcribed by the model before this phase trains it."""
     output_dir = Path(context.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    set_decoder_prompt(context, "transcribe")  # replayed labels are transcripts, whatever the new task prompts
     labels_csv = pseudo_label_manifests(context.model, context.processor, lifelong.replay_manifest,
-                                        output_dir / "replay_pseudo_labels.csv")  # fmt: skip
-    replay = prepare_dataset(read_manifest(labels_csv), context.processor,
-                             max_label_length=context.data.max_label_length)  # fmt: skip
-    return mix_replay(train, replay, lifelong.replay_fraction, context.seed)
+                                        output_dir / "replay_pseudo_labels.csv",
+                                        # the prompt (<|sot|>[<|lang|><|task|>]<|notimestamps|>) and <|eot|> count
+                                        max_new_tokens=context.data.max_label_length - 5,
+                                        exclude_speakers=context.data.exclude_speakers or (),
+                                        max_per_manifest=lifelong.replay_max_per_manifest,
+                                        seed=context.seed)  # fmt: skip
+    return prepare_dataset(read_manifest(labels_csv), context.processor,
+                           max_label_length=context.data.max_label_length)  # fmt: skip
 
 
 def single_task_trainer(name: str, context: TaskContext, run: RunArguments, frozen_rows, callbacks: list):
@@ -101,11 +108,16 @@ def single_task_trainer(name: str, context: TaskContext, run: RunArguments, froz
     data, collator = task.build_data(context), task.build_collator(context)
     train, kwargs = data.train, {}
     if frozen_rows is not None:  # a lifelong phase
-        if run.lifelong.replay_manifest:
-            train = with_replay(train, context, run.lifelong)
-        collator = ReplayFlagCollator(collator)
         kwargs = {"lifelong": run.lifelong}
         callbacks = [*callbacks, RestoreFrozenRows(frozen_rows)]
+        replay = replay_set(context, run.lifelong) if run.lifelong.replay_manifest else None
+        if replay is not None and name not in AUDIO_INPUT_TASKS:  # text rows: replay gets batches of its own
+            train, collator, kwargs["batch_sampler"] = replay_mixture(
+                name, train, collator, replay, get_task("asr").build_collator(context), run.lifelong.replay_fraction,
+                run.training.max_steps, run.training.per_device_train_batch_size, context.seed)  # fmt: skip
+        else:
+            train = mix_replay(train, replay, run.lifelong.replay_fraction, context.seed) if replay else train
+            collator = ReplayFlagCollator(collator)
     trainer = (LifelongTrainer if frozen_rows is not None else WhisperMoETrainer)(
         model=context.model,
         args=run.training,

@@ -5,6 +5,9 @@
         --manifest ../shared/data/librispeech/test-other/manifest.csv [--speech 16] [--text 128] \
         [--output-json results/expert-usage-en-de.json]
 
+`--manifest` may be given several times (one speech domain each, e.g. LibriSpeech and FSDD digits), with one
+`--split` for all or one per manifest (`all` for no filter).
+
 Runs teacher-forced batches of each task the folder serves and counts, per sparse block, the routing slots each
 expert gets from real tokens (padding left out):
 
@@ -15,7 +18,10 @@ expert gets from real tokens (padding left out):
   the espeak-ng voices it was trained on, with their exact frame counts (needs espeak-ng).
 
 For every block it prints each task's busiest experts and the total variation distance between each pair of tasks'
-expert shares (0: the tasks use the experts alike, 1: disjoint experts), and writes all shares to JSON.
+expert shares (0: the tasks use the experts alike, 1: disjoint experts), and writes all shares to JSON. For a model
+that grew experts (lifelong phases), it also prints, per task and side, the share of routing weight that goes to
+the experts it started with and to each growth phase's (`phase i` is `config.expert_growth[i]`): how much of an old
+domain's traffic moved to the new experts.
 """
 
 import argparse
@@ -29,7 +35,7 @@ import torch
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor
 from modeling_whisper_moe.hub import atomic_directory
 from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAndText
-from processing.pruning import manifest_batches, routing_counts
+from processing.pruning import manifest_batches, phase_weight_shares, routing_counts
 from processing.text_data import (
     TextPairCollator,
     prepare_text_pairs,
@@ -89,11 +95,23 @@ def busiest(share: list[float] | None) -> str:
     return ", ".join(f"{expert} ({100 * share[expert]:.0f} %)" for expert in ranked)
 
 
+def print_phase_weights(phases: dict[str, dict[str, dict[str, float]]]) -> None:
+    """Markdown table: per task and side, the percentage of routing weight on each phase's experts."""
+    columns = sorted({(side, label) for sides in phases.values() for side, parts in sides.items() for label in parts})
+    print(f"\n| task | {' | '.join(f'{side}: {label}' for side, label in columns)} |")
+    print(f"|---|{'---:|' * len(columns)}")
+    for task, sides in phases.items():
+        cells = [sides.get(side, {}).get(label) for side, label in columns]
+        print(f"| {task} | {' | '.join('—' if c is None else f'{100 * c:.1f} %' for c in cells)} |")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved WhisperMoE folder")
-    parser.add_argument("--manifest", required=True, help="path,text CSV of English speech")
-    parser.add_argument("--split", default=None, help="only the manifest rows of this split (e.g. FSDD's test)")
+    parser.add_argument("--manifest", required=True, action="append", help="path,text CSV of English speech")
+    parser.add_argument(
+        "--split", action="append", default=None, help="only the rows of this split (FSDD's test); `all`: every row"
+    )
     parser.add_argument("--speech", type=int, default=16, help="clips of speech")
     parser.add_argument("--text", type=int, default=128, help="held-out text pairs (text front-end folders)")
     parser.add_argument("--speak", type=int, default=64, help="held-out digit sequences to speak (generalists)")
@@ -109,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     generalist = architecture == WhisperMoEForSpeechAndText.__name__
     model_class = WhisperMoEForSpeechAndText if generalist else WhisperMoEForConditionalGeneration
     model = model_class.from_pretrained(folder).eval()
+    grown = any(phase.get("num_experts") for phase in model.config.expert_growth or ())
     if args.untrained:
         torch.manual_seed(0)
         untrained = model_class(model.config).eval()
@@ -117,13 +136,23 @@ def main(argv: list[str] | None = None) -> dict:
     processor = WhisperMoEProcessor.from_pretrained(folder)
     if getattr(model.generation_config, "is_multilingual", False):
         processor.tokenizer.set_prefix_tokens(language="en", task="transcribe")
-    tasks = {"speech recognition": manifest_batches(Path(args.manifest), processor, args.speech, args.batch_size,
-                                                    split=args.split, real_frames_only=True)}  # fmt: skip
+    splits = args.split or ["all"]
+    if len(splits) not in (1, len(args.manifest)):
+        raise ValueError(f"Give one --split for all manifests or one per manifest, got {len(splits)} for "
+                         f"{len(args.manifest)}.")  # fmt: skip
+    splits = splits * len(args.manifest) if len(splits) == 1 else splits
+    tasks = {}
+    for manifest, split in zip(args.manifest, splits):
+        name = "speech recognition" + (f" ({Path(manifest).parent.name})" if len(args.manifest) > 1 else "")
+        tasks[name] = lambda manifest=manifest, split=split: manifest_batches(
+            Path(manifest), processor, args.speech, args.batch_size, split=None if split == "all" else split,
+            real_frames_only=True)  # fmt: skip
     if model.config.text_frontend:
-        tasks["text translation"] = text_batches(model, processor, folder, args.text, args.batch_size)
+        tasks["text translation"] = lambda: text_batches(model, processor, folder, args.text, args.batch_size)
     if generalist:
-        tasks["speech synthesis"] = speech_output_batches(model, processor, folder, args.speak)
-    usage = {task: shares(routing_counts(model, batches)) for task, batches in tasks.items()}
+        tasks["speech synthesis"] = lambda: speech_output_batches(model, processor, folder, args.speak)
+    usage = {task: shares(routing_counts(model, batches())) for task, batches in tasks.items()}
+    phases = {task: phase_weight_shares(model, batches()) for task, batches in tasks.items()} if grown else {}
     blocks = list(next(iter(usage.values())))
     names = list(usage)
     pairs = list(itertools.combinations(names, 2))
@@ -138,10 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
             distance = distances[f"{a} / {b}"][block] = total_variation(usage[a][block], usage[b][block])
             row.append("—" if distance is None else f"{distance:.2f}")
         print(f"| {block.removeprefix('model.')} | {cells} | {' | '.join(row)} |")
-    report = {"model": str(folder), "untrained": args.untrained, "manifest": args.manifest, "split": args.split,
+    if phases:
+        print_phase_weights(phases)
+    report = {"model": str(folder), "untrained": args.untrained, "manifest": args.manifest, "split": splits,
               "speech_clips": args.speech, "text_pairs": args.text,
               "speech_synthesis_sequences": args.speak if generalist else 0, "shares": usage,
-              "total_variation": distances}  # fmt: skip
+              "total_variation": distances, "phase_weight_shares": phases}  # fmt: skip
     if args.output_json:
         output = Path(args.output_json)
         with atomic_directory(output.parent) as staging:

@@ -181,3 +181,22 @@ def test_evaluate_end_to_end_on_fsdd(tiny_en_dense: Path, tmp_path: Path, capsys
     assert table.startswith("| system | WER % |") and str(tiny_en_dense) in table
     assert table.strip() in capsys.readouterr().out
     assert not list(report_json.parent.glob("*.tmp"))  # the atomic writes left no temporary files behind
+
+
+def test_a_lifelong_phase_is_scored_on_what_its_base_learnt_too(tmp_path):
+    from processing.evaluation.common import TRAINING_RECORD, ModelRef
+
+    def folder(name: str, tasks: dict, base: Path | None = None, mode: str = "lifelong") -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        record = {"tasks": tasks, "base": str(base) if base else None, "model": {"training_mode": mode}}
+        (path / TRAINING_RECORD).write_text(json.dumps(record))
+        return path
+
+    digits = folder("digits", {"asr": {}}, base=tmp_path / "no-record", mode="full")
+    text = folder("text", {"translation": {}}, base=digits)
+    assert ModelRef(str(text), str(text)).trained_tasks() == ["asr", "translation"]
+    plain = folder("plain", {"translation": {}}, base=digits, mode="attention")
+    assert ModelRef(str(plain), str(plain)).trained_tasks() == ["translation"]
+    unknown = folder("unknown", {"translation": {}}, base=tmp_path / "no-record")
+    assert ModelRef(str(unknown), str(unknown)).trained_tasks() is None

@@ -219,3 +219,22 @@ def test_add_experts_cli_keeps_real_transcripts_through_the_remote_pipeline(tiny
         assert remote[str(grown)]["module"].startswith("transformers_modules")
         assert remote[str(source)]["routers"] == [1] and remote[str(grown)]["routers"] == [1, 2]
     assert "And so my fellow Americans" in remote[str(pairs[0][0])]["texts"][0]
+
+
+def test_phase_weight_shares_measure_the_traffic_a_growth_phase_takes():
+    """The share of routing weight on a phase's experts follows its null logit: ~0 while the null expert takes the
+    group's weight, 1/(base weight + 1) once the new experts take all of it; real tokens only, summing to 1."""
+    from processing.pruning import phase_weight_shares
+
+    model = grow_experts(tiny_moe(), num_new=1, num_experts_per_tok=1, encoder_layers=[]).eval()
+    features, labels = _inputs()
+    batches = [{"input_features": features, "labels": labels}]
+    routers = [layer.mlp.router for layer in model.model.decoder.layers]
+    for null_logit, expected in ((30.0, 0.0), (-30.0, 0.5)):
+        with torch.no_grad():
+            for router in routers:
+                router.null_logits.fill_(null_logit)
+        shares = phase_weight_shares(model, batches)
+        assert set(shares) == {"encoder", "decoder"} and shares["encoder"] == {"base": 1.0}
+        assert shares["decoder"]["phase 0"] == pytest.approx(expected, abs=1e-6)  # base top-2 weights sum to 1
+        assert sum(shares["decoder"].values()) == pytest.approx(1.0)

@@ -1,5 +1,7 @@
 """Lifelong training of a grown WhisperMoE: only the new phase trains, and the anti-forgetting losses behave."""
 
+import csv
+
 import pytest
 import torch
 from conftest import tiny_batch, tiny_moe
@@ -120,6 +122,33 @@ def test_mix_replay_reaches_the_fraction_and_flags_rows():
     assert len(mixed) == 40 and sum(mixed[REPLAY_COLUMN]) == 10
     assert all((row["labels"] == [2]) == bool(row[REPLAY_COLUMN]) for row in mixed)
     assert mixed.column_names == ["labels", REPLAY_COLUMN]
+
+
+def test_replay_mixture_gives_replay_its_share_of_one_task_batches():
+    from processing.lifelong import REPLAY_TASK, replay_mixture
+
+    train = Dataset.from_dict({"input_ids": [[5, 6]] * 12})
+    replay = Dataset.from_dict({"input_features": [[0.5]] * 5})
+    mixture, collator, sampler = replay_mixture("translation", train, lambda rows: {"n": torch.tensor(len(rows))},
+                                                replay, lambda rows: {"n": torch.tensor(-len(rows))}, fraction=0.25,
+                                                steps=8, batch_size=3, seed=0)  # fmt: skip
+    batches = [collator([mixture[index] for index in batch]) for batch in sampler]
+    assert len(batches) == 8 and sum(batch["task"] == REPLAY_TASK for batch in batches) == 2
+    for batch in batches:  # replay batches are flagged whole, new-task ones not at all
+        assert batch[REPLAY_COLUMN].tolist() == [int(batch["task"] == REPLAY_TASK)] * 3
+    with pytest.raises(ValueError, match="no replay or no new-task batch"):
+        replay_mixture("translation", train, None, replay, None, fraction=0.01, steps=8, batch_size=3, seed=0)
+
+
+def test_replay_never_takes_test_rows_or_held_out_speakers(data_dir):
+    from processing.lifelong import replay_clips
+
+    manifest = data_dir / "fsdd" / "manifest.csv"
+    clips = replay_clips([str(manifest)], exclude_speakers=["yweweler"], max_per_manifest=40, seed=1)
+    rows = {str((manifest.parent / row["path"]).resolve()): row for row in csv.DictReader(open(manifest))}
+    assert len(clips) == len(set(clips)) == 40
+    assert all(rows[clip]["split"] == "train" and rows[clip]["speaker"] != "yweweler" for clip in clips)
+    assert clips == replay_clips([str(manifest)], exclude_speakers=["yweweler"], max_per_manifest=40, seed=1)
 
 
 def test_replay_flag_collator_passes_flags():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY, run_without_package, tiny_moe, tiny_random_dense
+from conftest import REPO_ROOT, TINY, TINY_FRAMES, run_without_package, tiny_moe, tiny_random_dense
 from transformers import GenerationConfig
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -384,3 +384,65 @@ def test_train_script_on_text_pairs_writes_a_translating_folder(tiny_translation
         "Tom has 3 apples.", src_lang="en", tgt_lang="de", max_new_tokens=3
     )
     assert isinstance(translated[0]["translation_text"], str)
+
+
+@pytest.mark.slow
+def test_lifelong_translation_phase_trains_only_its_part_and_replays_no_held_out_audio(
+    tiny_translation_folder, data_dir, tmp_path
+):
+    """The lifelong en->de recipe on a speech model: translation batches and batches of replayed speech
+    pseudo-labelled by the model itself (no test-split clip, no held-out speaker); everything older is unchanged."""
+    from safetensors.torch import load_file
+
+    from processing import train
+
+    _write_pairs(tmp_path / "pairs.csv", 24)
+    out = tmp_path / "out"
+    recipe = REPO_ROOT / "configuration" / "recipes" / "lifelong-translation-en-de.json"
+    manifest = data_dir / "fsdd" / "manifest.csv"
+    train.main([str(recipe), "--model_name_or_path", str(tiny_translation_folder), "--text_pairs_csv",
+                str(tmp_path / "pairs.csv"), "--held_out_size", "4", "--output_dir", str(out), "--max_steps", "4",
+                "--per_device_train_batch_size", "2", "--max_eval_samples", "4", "--replay_manifest", str(manifest),
+                "--replay_max_per_manifest", "3", "--save_strategy", "no",
+                "--generation_max_length", "8"])  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert [phase["num_experts"] for phase in config["expert_growth"]] == [2]
+    rows = {str((manifest.parent / row["path"]).resolve()): row for row in csv.DictReader(open(manifest))}
+    replayed = [row["path"] for row in csv.DictReader(open(out / "replay_pseudo_labels.csv"))]
+    assert len(replayed) == 3 and all(
+        rows[p]["split"] == "train" and rows[p]["speaker"] != "yweweler" for p in replayed
+    )
+    before, after = load_file(tiny_translation_folder / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = [name for name, tensor in before.items() if not torch.equal(after[name][: tensor.shape[0]], tensor)]
+    assert changed and all("embed_text" in name for name in changed)  # old experts, routers, attention: as they were
+    assert any(not torch.equal(after[n][4:], torch.zeros_like(after[n][4:])) for n in after if "fc2_weight" in n)
+
+
+def test_an_english_only_checkpoint_learns_language_tokens_for_text_output_only(tiny_en_dense, base_moe, tmp_path):
+    """tiny.en's vocabulary has <|de|> but its generation config lists no language (listing one would make
+    audio generate() detect languages): a text task adds the ones it writes to text_lang_to_id, which survives
+    saving; an English-only model still refuses languages for audio; multilingual configs are left alone."""
+    from transformers import AutoTokenizer
+
+    from modeling_whisper_moe.generation_whisper_moe import text_decoder_prompt
+    from processing.tasks.translation import add_text_languages
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_en_dense)
+    config = GenerationConfig.from_pretrained(tiny_en_dense)
+    with pytest.raises(ValueError, match="English-only"):
+        text_decoder_prompt(config, "de")
+    add_text_languages(config, tokenizer, ("en", "german"))
+    config.save_pretrained(tmp_path)
+    reloaded = GenerationConfig.from_pretrained(tmp_path)
+    de, en = tokenizer.convert_tokens_to_ids(["<|de|>", "<|en|>"])
+    assert reloaded.text_lang_to_id == {"<|de|>": de, "<|en|>": en} and not getattr(reloaded, "lang_to_id", None)
+    assert text_decoder_prompt(reloaded, "de")[:2] == [reloaded.decoder_start_token_id, de]
+    with pytest.raises(ValueError, match="no <\\|xx\\|> token"):
+        add_text_languages(config, tokenizer, ("xx",))
+    multilingual = GenerationConfig.from_pretrained(base_moe)
+    before = multilingual.to_dict()
+    add_text_languages(multilingual, AutoTokenizer.from_pretrained(base_moe), ("de",))
+    assert multilingual.to_dict() == before
+    with pytest.raises(ValueError, match="English-only"):
+        features = torch.zeros(1, TINY["num_mel_bins"], TINY_FRAMES)
+        tiny_moe().generate(features, generation_config=reloaded, language="de")

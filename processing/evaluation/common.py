@@ -40,9 +40,16 @@ class ModelRef:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def trained_tasks(self) -> list[str] | None:
-        """The tasks its training record lists (multi-task training writes them), or None when it names none."""
+        """The tasks its training record lists (multi-task training writes them), or None when it names none. A
+        lifelong phase keeps what its base knew: its tasks and its base's (None when the base's are unknown)."""
         record = self.training_record()
-        return list(record["tasks"]) if record and "tasks" in record else None
+        if not record or "tasks" not in record:
+            return None
+        tasks = list(record["tasks"])
+        if (record.get("model") or {}).get("training_mode") == "lifelong" and record.get("base"):
+            known = ModelRef(record["base"], record["base"]).trained_tasks()
+            return None if known is None else [*known, *(task for task in tasks if task not in known)]
+        return tasks
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ saved folder scores sentences never trained on. Decoder prompt `<|tgt|><|transcr
 from __future__ import annotations
 
 from datasets import concatenate_datasets
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from processing.tasks.base import Task, TaskContext, TaskData, register_task
 from processing.text_data import (
@@ -25,12 +26,29 @@ def languages(context: TaskContext) -> tuple[str, str]:
     return args.src_lang or args.source_column, args.tgt_lang or args.target_column
 
 
+def add_text_languages(generation_config, tokenizer, codes: tuple[str, ...]) -> None:
+    """Let an English-only checkpoint write `codes`' languages as text: its vocabulary holds every language token
+    (never trained), but its generation config lists none; they go to `text_lang_to_id`, which only text output
+    reads, so its audio prompts stay <|startoftranscript|><|notimestamps|>. Multilingual configs are unchanged."""
+    if getattr(generation_config, "lang_to_id", None):
+        return
+    known = dict(getattr(generation_config, "text_lang_to_id", None) or {})
+    for code in codes:
+        token = f"<|{TO_LANGUAGE_CODE.get(code.lower(), code.lower())}|>"
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {token} token, so this model cannot write {code!r}.")
+        known[token] = int(token_id)
+    generation_config.text_lang_to_id = known
+
+
 def build_data(context: TaskContext) -> TaskData:
     """Tokenised (train, held-out) pairs; the held-out ids are written to the output folder first."""
     args, seed = context.data, context.seed
     if not args.text_pairs_csv:
         raise ValueError("The translation task needs --text_pairs_csv")
     src_lang, tgt_lang = languages(context)
+    add_text_languages(context.model.generation_config, context.tokenizer, (src_lang, tgt_lang))
     pairs = read_text_pairs(args.text_pairs_csv, args.source_column, args.target_column)
     train, held_out = split_held_out(pairs, args.held_out_size, seed)
     record = {"csv": args.text_pairs_csv, "source_column": args.source_column, "target_column": args.target_column,
