@@ -57,10 +57,13 @@ def routing_counts(
 ) -> dict[str, torch.Tensor]:
     """Routing slots given to each expert, per sparse block, from the real tokens of `batches` (see
     `each_routing`): {block name: (num_experts,) counts}."""
-    counts: dict[str, torch.Tensor] = {}
+    counts = {  # every block, the ones these inputs never reach (text skips deep encoder layers) left at 0
+        name.removesuffix("router").rstrip("."): torch.zeros(module.num_experts, dtype=torch.long)
+        for name, module in model.named_modules()
+        if isinstance(module, WhisperMoERouter)
+    }
 
     def record(block, _side, router, _weights, index):
-        counts.setdefault(block, torch.zeros(router.num_experts, dtype=torch.long))
         counts[block] += torch.bincount(index.reshape(-1), minlength=router.num_experts)
 
     each_routing(model, batches, record)
