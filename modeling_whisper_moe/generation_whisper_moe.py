@@ -10,6 +10,7 @@ import copy
 
 import torch
 from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.generation.logits_process import LogitsProcessor, WhisperNoSpeechDetection
 from transformers.modeling_outputs import BaseModelOutput
 
 # Decoder task token for text output. Whisper's "translate" means "into English"; "transcribe" after a language token
@@ -43,6 +44,60 @@ def text_decoder_prompt(generation_config: GenerationConfig, language: str) -> l
     ]
 
 
+# Whisper's long-form decoding (audio longer than one 30 s window, decoded window after window, each resuming at its
+# last timestamp) as OpenAI's and faster-whisper's defaults set it up: a window whose text repeats itself (token
+# compression ratio) or is unlikely (mean log-probability) is decoded again at a higher temperature, and one the model
+# calls silence (no-speech probability, when also unlikely) is skipped. Options the caller sets win.
+LONG_FORM_DEFAULTS = {
+    "return_timestamps": True,  # long-form resumes at timestamps: Whisper's generate refuses it without them
+    "temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    "compression_ratio_threshold": 1.35,  # over token ids, the scale transformers uses (2.4 over text bytes)
+    "logprob_threshold": -1.0,
+    "no_speech_threshold": 0.6,
+}
+
+
+# A long-form window whose no-speech probability reaches this is skipped however likely its text looks: Whisper
+# writes silence as a confident "you" or ". . .", which the rule above (no-speech *and* unlikely text) keeps, window
+# after window (faster-whisper's defaults too). Speech windows score far lower (under 0.1 on LibriSpeech).
+CONFIDENT_NO_SPEECH = 0.9
+
+
+class ConfidentSilenceStop(LogitsProcessor):
+    """Ends, at the first decoded position, every row whose no-speech probability reaches CONFIDENT_NO_SPEECH: the
+    window is skipped anyway (`_need_fallback`), so decoding it (up to 448 tokens of "you you ...") is wasted.
+
+    Reads Whisper's `WhisperNoSpeechDetection`, which comes first in the processor list and has just set the
+    probability for this step's rows (batch * beams,).
+    """
+
+    def __init__(self, detector: WhisperNoSpeechDetection, eos_token_id: int):
+        self.detector = detector
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.detector.begin_index:
+            return scores
+        no_speech = torch.as_tensor(self.detector.no_speech_prob, device=scores.device)
+        silent = no_speech.reshape(-1) >= CONFIDENT_NO_SPEECH  # (rows,)
+        if not bool(silent.any()) or silent.shape[0] != scores.shape[0]:
+            return scores
+        ended = torch.full_like(scores, float("-inf"))
+        ended[:, self.eos_token_id] = 0.0
+        return torch.where(silent[:, None], ended, scores)
+
+
+def long_form_options(generation_config: GenerationConfig, kwargs: dict) -> dict:
+    """`kwargs` for a long-form generate: each of `LONG_FORM_DEFAULTS` added unless the call sets it (or, for the
+    thresholds, the generation config does). Timestamps are always on: long-form needs them."""
+    options = {**kwargs, "return_timestamps": True}
+    for name, value in LONG_FORM_DEFAULTS.items():
+        configured = name != "temperature" and getattr(generation_config, name, None) is not None
+        if options.get(name) is None and not configured:
+            options[name] = value
+    return options
+
+
 class WhisperMoEGenerationMixin:
     """The generate paths of [`WhisperMoEForConditionalGeneration`]; the host is a WhisperMoE encoder-decoder with
     Whisper's generation mixin after this one in its bases."""
@@ -53,10 +108,35 @@ class WhisperMoEGenerationMixin:
         if input_ids is None and self.config.variable_length_audio:
             return self.generate_variable_length(input_features, *args, **kwargs)
         if input_ids is None:
+            if input_features is not None and input_features.shape[-1] > self.config.max_source_positions * 2:
+                kwargs = long_form_options(kwargs.get("generation_config") or self.generation_config, kwargs)
             return super().generate(input_features, *args, **kwargs)
         if input_features is not None or args:
             raise ValueError("generate takes either input_features (audio) or input_ids (text), not both.")
         return self.generate_from_text(input_ids, **kwargs)
+
+    def _retrieve_logit_processors(self, generation_config, logits_processor, begin_index, num_beams, device):
+        """Whisper's processors; with no-speech detection on, `ConfidentSilenceStop` after them."""
+        processors = super()._retrieve_logit_processors(
+            generation_config, logits_processor, begin_index, num_beams, device
+        )
+        detector = next((p for p in processors or () if isinstance(p, WhisperNoSpeechDetection)), None)
+        if detector is not None:
+            processors = [*processors, ConfidentSilenceStop(detector, generation_config.eos_token_id)]
+        return processors
+
+    def _need_fallback(self, seek_sequence, seek_outputs, index, logits_processor, generation_config, *args):
+        """Whisper's per-window decision (decode again at a higher temperature? skip as silence?), plus: a window
+        at or above CONFIDENT_NO_SPEECH is skipped. Applies when `no_speech_threshold` is set (long-form default)."""
+        needs_fallback, should_skip = super()._need_fallback(
+            seek_sequence, seek_outputs, index, logits_processor, generation_config, *args
+        )
+        if generation_config.no_speech_threshold is None or should_skip:
+            return needs_fallback, should_skip
+        detector = next(p for p in logits_processor if isinstance(p, WhisperNoSpeechDetection))
+        if float(detector.no_speech_prob[index]) >= CONFIDENT_NO_SPEECH:
+            return False, True
+        return needs_fallback, should_skip
 
     @torch.no_grad()
     def generate_from_text(
@@ -171,4 +251,13 @@ class WhisperMoEGenerationMixin:
         return config, model_kwargs
 
 
-__all__ = ["TEXT_TASK", "WhisperMoEGenerationMixin", "language_token_id", "text_decoder_prompt"]
+__all__ = [
+    "CONFIDENT_NO_SPEECH",
+    "ConfidentSilenceStop",
+    "LONG_FORM_DEFAULTS",
+    "TEXT_TASK",
+    "WhisperMoEGenerationMixin",
+    "language_token_id",
+    "long_form_options",
+    "text_decoder_prompt",
+]

@@ -29,6 +29,18 @@ REMOTE_SCRIPT = textwrap.dedent(
         "long": asr(data + "/librispeech/longform/367-130732_concat.flac", chunk_length_s=30, batch_size=2,
                     ignore_warning=True)["text"],
     }
+    # over 30 s with no options: long-form decoding picked by itself; whole windows of silence are skipped
+    import numpy as np
+    import soundfile
+
+    speech, rate = soundfile.read(jfk)  # (frames, 2) at 44.1 kHz
+    rng = np.random.default_rng(0)
+    hiss = rng.normal(0.0, 1e-3, (95 * rate, 2))
+    result["silence"] = [asr({"raw": np.zeros(95 * 16000), "sampling_rate": 16000})["text"],
+                         asr({"raw": hiss, "sampling_rate": rate})["text"]]
+    then_speech = asr({"raw": np.concatenate([hiss[: 32 * rate], speech]), "sampling_rate": rate},
+                      return_timestamps=True)
+    result["silence_then_speech"] = [then_speech["text"], then_speech["chunks"][0]["timestamp"][0]]
     errors = {}
     for name, bad in (("missing", data + "/misc/no-such-file.wav"), ("corrupt", b"RIFF0000WAVEnot audio at all")):
         try:
@@ -77,6 +89,15 @@ def test_remote_pipeline_transcribes(remote):
     assert remote["batch"][0] == remote["text"]
     assert "yellow lamps" in remote["batch"][1].lower()
     assert len(remote["long"].split()) > 150  # 78 s of speech, chunked into 30 s windows
+
+
+def test_remote_pipeline_takes_long_audio_and_silence_without_options(remote):
+    words = lambda text: "".join(c for c in text.lower() if c.isalpha() or c == " ").split()  # noqa: E731
+    zeros, hiss = remote["silence"]  # 95 s of digital silence, and of hiss
+    assert zeros == "" and words(hiss) == []  # no "you you you": at most punctuation
+    text, first_start = remote["silence_then_speech"]
+    assert words(text) == words(JFK_TEXT)  # 32 s of hiss, then the 11 s clip: only the speech is transcribed
+    assert 30.0 <= first_start <= 33.0
 
 
 def test_remote_pipeline_timestamps(remote):
