@@ -13,6 +13,10 @@ Measures, each as a median over repeats and as a ratio to its baseline:
   layer, and with a PEER block beside every decoder layer's feed-forward block (growth.py, peer.py), transcribing the
   same clips at the same batch size (growth is exact, so all three decode the same tokens) and taking a lifelong
   training step (only the new parameters train), with total parameters and those one token uses.
+- long-form (`--sections long_form`): whole recordings over 30 s, one file at a time, as `whisper-moe transcribe`
+  runs them with no options (sequential long-form, greedy, WhisperMoE's LONG_FORM_DEFAULTS, which the dense
+  Whisper gets passed), and faster-whisper's sequential `transcribe` at the same beam size with its own fallback
+  defaults, with WER on the same files. Pipeline loading is inside the timing, for every system alike;
 With --variants, only this instead: MoE variants upcycled in memory from --dense (coarse, fine-grained with
 `expert_segments`, with shared experts), their sizes, then each one's transcription of the same clips at each of
 --variant-batches and one training step on the same batch (frozen encoder, as configuration/recipes/asr-finetune.json),
@@ -45,6 +49,7 @@ from modeling_whisper_moe import (
     load_audio,
 )
 from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS
+from modeling_whisper_moe.generation_whisper_moe import LONG_FORM_DEFAULTS
 from modeling_whisper_moe.growth import grow_experts, grow_peer
 from modeling_whisper_moe.model_card import count_parameters
 from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
@@ -60,6 +65,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLING_RATE = 16_000
 DEFAULT_MANIFEST = REPO_ROOT.parent / "shared" / "data" / "librispeech" / "test-other" / "manifest.csv"
 DEFAULT_SHORT_CLIPS = REPO_ROOT.parent / "shared" / "data" / "fsdd" / "manifest.csv"
+DEFAULT_LONG_FORM = REPO_ROOT.parent / "shared" / "data" / "librispeech" / "longform" / "manifest.csv"
 MEMORY_SAMPLE_S = 0.005  # resident-memory sampling period
 SHORT_CLIP_TOKENS = 16  # a spoken digit is 1-3 tokens; the cap keeps a hallucinating model from running to 448
 MEL_FRAMES = 3000  # a 30 s window
@@ -67,8 +73,8 @@ TRAIN_LABEL_TOKENS = 24  # label length of the synthetic training batch
 VARIANT_PATTERN = re.compile(r"(\d+)x(\d+)(?:-seg(\d+))?(?:-shared(\d+))?")  # ExK[-segM][-sharedS]
 # all but the last have the active parameters of two dense blocks per token; 8x2-shared1 (the shared preset) has three
 DEFAULT_VARIANTS = ("8x2", "8x2-seg4", "8x1-shared1", "8x1-seg4-shared1", "8x2-shared1")
-SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth")
-DENSE_SECTIONS = ("transcription", "training")  # the ones that time the dense source next to the MoE
+SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form")
+DENSE_SECTIONS = ("transcription", "training", "long_form")  # the ones that time the dense source next to the MoE
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -120,6 +126,43 @@ def _transcribe(asr, audio: list[np.ndarray], batch: int, max_new_tokens: int | 
     inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]  # fresh: the pipeline pops keys
     options = {"num_beams": 1} if max_new_tokens is None else {"num_beams": 1, "max_new_tokens": max_new_tokens}
     return [out["text"] for out in asr(inputs, batch_size=batch, generate_kwargs=options)]
+
+
+def bench_long_form(models: dict[str, str], ct2: str | None, manifest: Path, limit: int | None) -> list[dict]:
+    """Each recording of `manifest` (over 30 s each) transcribed whole, one at a time, greedy, by every system."""
+    dataset = read_manifest(manifest)
+    dataset = dataset.select(range(min(limit or len(dataset), len(dataset))))
+    audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
+    audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
+    benchmark = f"long-form, {len(audio)} files ({audio_seconds:.0f} s), batch 1"
+    references = list(dataset["text"])
+    systems = {name: partial(_transcribe_long, folder) for name, folder in models.items()}
+    if ct2:
+        from faster_whisper import WhisperModel
+
+        model = WhisperModel(ct2, device="cpu", compute_type="default")
+        options = dict(beam_size=1, condition_on_previous_text=False)  # as the pipeline: greedy, no conditioning
+        systems["faster-whisper"] = lambda clips: [
+            "".join(segment.text for segment in model.transcribe(clip, **options)[0]) for clip in clips
+        ]
+    rows = []
+    for name, transcribe in systems.items():
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            texts = transcribe(audio)
+            seconds = time.perf_counter() - start
+        rows.append({"benchmark": benchmark, "system": name, "seconds": seconds, "rtf": seconds / audio_seconds,
+                     "peak_mb": memory.megabytes, "wer": _word_error_rate(references, texts)})  # fmt: skip
+    return _with_ratio(rows, baseline="dense")
+
+
+def _transcribe_long(folder: str, audio: list[np.ndarray]) -> list[str]:
+    """A pipeline with WhisperMoE's long-form defaults (transformers' own Whisper pipeline needs them passed)."""
+    asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+    options = {name: value for name, value in LONG_FORM_DEFAULTS.items() if name != "return_timestamps"}
+    inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]
+    outputs = asr(inputs, batch_size=1, return_timestamps=True, generate_kwargs={"num_beams": 1, **options})
+    return [output["text"] for output in outputs]
 
 
 def _train_step(model: torch.nn.Module, optimizer, features: torch.Tensor, labels: torch.Tensor, **inputs) -> None:
@@ -472,6 +515,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--short-clips", type=Path, default=DEFAULT_SHORT_CLIPS, help="manifest of short clips")
     parser.add_argument("--short-limit", type=int, default=64, help="short clips to encode and transcribe")
     parser.add_argument("--packed-moe", help="a WhisperMoE fine-tuned with variable_length_audio (short clips)")
+    parser.add_argument("--long-form", type=Path, default=DEFAULT_LONG_FORM, help="manifest of recordings > 30 s")
+    parser.add_argument("--long-form-limit", type=int, help="recordings to transcribe (default: all)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to time")
     parser.add_argument("--growth-experts", type=int, default=2, help="growth: experts added per decoder layer")
     parser.add_argument("--peer-keys", type=int, default=128, help="growth: PEER sub-keys (keys^2 experts per layer)")
@@ -517,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_short_clip_training(args.moe, args.short_clips, args.train_batch * 2, args.repeats)
     if "growth" in args.sections:
         rows += bench_growth(args.moe, args)
+    if "long_form" in args.sections:
+        models = {"dense": args.dense, "moe": args.moe}
+        rows += bench_long_form(models, args.faster_whisper, args.long_form, args.long_form_limit)
     print(markdown(rows))
     _write_json(args, rows)
     return 0
