@@ -16,7 +16,8 @@ Measures, each as a median over repeats and as a ratio to its baseline:
 - long-form (`--sections long_form`): whole recordings over 30 s, one file at a time, as `whisper-moe transcribe`
   runs them with no options (sequential long-form, greedy, WhisperMoE's LONG_FORM_DEFAULTS, which the dense
   Whisper gets passed), and faster-whisper's sequential `transcribe` at the same beam size with its own fallback
-  defaults, with WER on the same files. Pipeline loading is inside the timing, for every system alike;
+  defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense).
+  Pipeline loading is inside the timing, for every system alike;
 With --variants, only this instead: MoE variants upcycled in memory from --dense (coarse, fine-grained with
 `expert_segments`, with shared experts), their sizes, then each one's transcription of the same clips at each of
 --variant-batches and one training step on the same batch (frozen encoder, as configuration/recipes/asr-finetune.json),
@@ -74,7 +75,7 @@ VARIANT_PATTERN = re.compile(r"(\d+)x(\d+)(?:-seg(\d+))?(?:-shared(\d+))?")  # E
 # all but the last have the active parameters of two dense blocks per token; 8x2-shared1 (the shared preset) has three
 DEFAULT_VARIANTS = ("8x2", "8x2-seg4", "8x1-shared1", "8x1-seg4-shared1", "8x2-shared1")
 SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form")
-DENSE_SECTIONS = ("transcription", "training", "long_form")  # the ones that time the dense source next to the MoE
+DENSE_SECTIONS = ("transcription", "training")  # the ones that time the dense source next to the MoE
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -153,7 +154,7 @@ def bench_long_form(models: dict[str, str], ct2: str | None, manifest: Path, lim
             seconds = time.perf_counter() - start
         rows.append({"benchmark": benchmark, "system": name, "seconds": seconds, "rtf": seconds / audio_seconds,
                      "peak_mb": memory.megabytes, "wer": _word_error_rate(references, texts)})  # fmt: skip
-    return _with_ratio(rows, baseline="dense")
+    return _with_ratio(rows, baseline="faster-whisper" if ct2 else "moe")
 
 
 def _transcribe_long(folder: str, audio: list[np.ndarray]) -> list[str]:
@@ -563,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if "growth" in args.sections:
         rows += bench_growth(args.moe, args)
     if "long_form" in args.sections:
-        models = {"dense": args.dense, "moe": args.moe}
+        models = {"dense": args.dense, "moe": args.moe} if args.dense else {"moe": args.moe}
         rows += bench_long_form(models, args.faster_whisper, args.long_form, args.long_form_limit)
     print(markdown(rows))
     _write_json(args, rows)
