@@ -16,8 +16,7 @@ Measures, each as a median over repeats and as a ratio to its baseline:
 - long-form (`--sections long_form`): whole recordings over 30 s, one file at a time, as `whisper-moe transcribe`
   runs them with no options (sequential long-form, greedy, WhisperMoE's LONG_FORM_DEFAULTS, which the dense
   Whisper gets passed), and faster-whisper's sequential `transcribe` at the same beam size with its own fallback
-  defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense).
-  Pipeline loading is inside the timing, for every system alike;
+  defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense);
 With --variants, only this instead: MoE variants upcycled in memory from --dense (coarse, fine-grained with
 `expert_segments`, with shared experts), their sizes, then each one's transcription of the same clips at each of
 --variant-batches and one training step on the same batch (frozen encoder, as configuration/recipes/asr-finetune.json),
@@ -137,7 +136,10 @@ def bench_long_form(models: dict[str, str], ct2: str | None, manifest: Path, lim
     audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
     benchmark = f"long-form, {len(audio)} files ({audio_seconds:.0f} s), batch 1"
     references = list(dataset["text"])
-    systems = {name: partial(_transcribe_long, folder) for name, folder in models.items()}
+    systems = {
+        name: partial(_transcribe_long, pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True))
+        for name, folder in models.items()
+    }
     if ct2:
         from faster_whisper import WhisperModel
 
@@ -157,9 +159,8 @@ def bench_long_form(models: dict[str, str], ct2: str | None, manifest: Path, lim
     return _with_ratio(rows, baseline="faster-whisper" if ct2 else "moe")
 
 
-def _transcribe_long(folder: str, audio: list[np.ndarray]) -> list[str]:
-    """A pipeline with WhisperMoE's long-form defaults (transformers' own Whisper pipeline needs them passed)."""
-    asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+def _transcribe_long(asr, audio: list[np.ndarray]) -> list[str]:
+    """`asr` with WhisperMoE's long-form defaults (transformers' own Whisper pipeline needs them passed)."""
     options = {name: value for name, value in LONG_FORM_DEFAULTS.items() if name != "return_timestamps"}
     inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]
     outputs = asr(inputs, batch_size=1, return_timestamps=True, generate_kwargs={"num_beams": 1, **options})
