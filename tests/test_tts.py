@@ -291,4 +291,20 @@ def test_folder_with_old_speech_key_names_loads_the_same(tmp_path):
     loaded, info = WhisperMoEForTextToSpeech.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     input_ids = torch.tensor([[3, 4, 5]])
-    torch.testing.assert_close(loaded.generate_speech(input_ids)[0], model.generate_speech(input_ids)[0])
+    expected = model.generate_speech(input_ids)[0]
+    torch.testing.assert_close(loaded.generate_speech(input_ids)[0], expected)
+    # the folder's own code maps the old names too, where this package cannot be imported
+    remote = run_without_package(OLD_KEYS_SCRIPT, tmp_path, tmp_path=tmp_path)
+    assert remote["leaked"] == [] and remote["missing"] == [] and remote["unexpected"] == []
+    torch.testing.assert_close(torch.tensor(remote["mel"]), expected, rtol=1e-4, atol=1e-5)
+
+
+OLD_KEYS_SCRIPT = """
+import torch
+from transformers import AutoModelForTextToSpectrogram
+
+model, info = AutoModelForTextToSpectrogram.from_pretrained(sys.argv[1], trust_remote_code=True,
+                                                            output_loading_info=True)
+result = {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+          "mel": model.eval().generate_speech(torch.tensor([[3, 4, 5]]))[0].tolist()}
+"""
