@@ -47,9 +47,9 @@ def text_decoder_prompt(generation_config: GenerationConfig, language: str) -> l
 # Whisper's long-form decoding (audio longer than one 30 s window, decoded window after window, each resuming at its
 # last timestamp) as OpenAI's and faster-whisper's defaults set it up: a window whose text repeats itself (token
 # compression ratio) or is unlikely (mean log-probability) is decoded again at a higher temperature, and one the model
-# calls silence (no-speech probability, when also unlikely) is skipped. Options the caller sets win.
+# calls silence (no-speech probability, when also unlikely) is skipped. Options the caller sets win; timestamps are
+# always on (long-form resumes at them: Whisper's generate refuses long audio without them).
 LONG_FORM_DEFAULTS = {
-    "return_timestamps": True,  # long-form resumes at timestamps: Whisper's generate refuses it without them
     "temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
     "compression_ratio_threshold": 1.35,  # over token ids, the scale transformers uses (2.4 over text bytes)
     "logprob_threshold": -1.0,
@@ -61,6 +61,11 @@ LONG_FORM_DEFAULTS = {
 # writes silence as a confident "you" or ". . .", which the rule above (no-speech *and* unlikely text) keeps, window
 # after window (faster-whisper's defaults too). Speech windows score far lower (under 0.1 on LibriSpeech).
 CONFIDENT_NO_SPEECH = 0.9
+
+
+def confidently_silent(detector: WhisperNoSpeechDetection) -> torch.Tensor:
+    """(rows,) bool: the rows whose last no-speech probability reaches CONFIDENT_NO_SPEECH."""
+    return torch.as_tensor(detector.no_speech_prob).reshape(-1) >= CONFIDENT_NO_SPEECH
 
 
 class ConfidentSilenceStop(LogitsProcessor):
@@ -78,8 +83,7 @@ class ConfidentSilenceStop(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] != self.detector.begin_index:
             return scores
-        no_speech = torch.as_tensor(self.detector.no_speech_prob, device=scores.device)
-        silent = no_speech.reshape(-1) >= CONFIDENT_NO_SPEECH  # (rows,)
+        silent = confidently_silent(self.detector).to(scores.device)
         if not bool(silent.any()) or silent.shape[0] != scores.shape[0]:
             return scores
         ended = torch.full_like(scores, float("-inf"))
@@ -88,10 +92,10 @@ class ConfidentSilenceStop(LogitsProcessor):
 
 
 def long_form_options(generation_config: GenerationConfig, kwargs: dict) -> dict:
-    """`kwargs` for a long-form generate: each of `LONG_FORM_DEFAULTS` added unless the call sets it (or, for the
-    thresholds, the generation config does). Timestamps are always on: long-form needs them."""
+    """`kwargs` for a long-form generate: timestamps on, and each of `LONG_FORM_DEFAULTS` added unless the call
+    sets it (or, for the thresholds, the generation config does)."""
     options = {**kwargs, "return_timestamps": True}
-    for name, value in LONG_FORM_DEFAULTS.items():
+    for name, value in LONG_FORM_DEFAULTS.items():  # temperature: GenerationConfig always has one (1.0)
         configured = name != "temperature" and getattr(generation_config, name, None) is not None
         if options.get(name) is None and not configured:
             options[name] = value
@@ -134,7 +138,7 @@ class WhisperMoEGenerationMixin:
         if generation_config.no_speech_threshold is None or should_skip:
             return needs_fallback, should_skip
         detector = next(p for p in logits_processor if isinstance(p, WhisperNoSpeechDetection))
-        if float(detector.no_speech_prob[index]) >= CONFIDENT_NO_SPEECH:
+        if bool(confidently_silent(detector)[index]):
             return False, True
         return needs_fallback, should_skip
 
@@ -257,6 +261,7 @@ __all__ = [
     "LONG_FORM_DEFAULTS",
     "TEXT_TASK",
     "WhisperMoEGenerationMixin",
+    "confidently_silent",
     "language_token_id",
     "long_form_options",
     "text_decoder_prompt",

@@ -161,9 +161,9 @@ def bench_long_form(models: dict[str, str], ct2: str | None, manifest: Path, lim
 
 def _transcribe_long(asr, audio: list[np.ndarray]) -> list[str]:
     """`asr` with WhisperMoE's long-form defaults (transformers' own Whisper pipeline needs them passed)."""
-    options = {name: value for name, value in LONG_FORM_DEFAULTS.items() if name != "return_timestamps"}
     inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]
-    outputs = asr(inputs, batch_size=1, return_timestamps=True, generate_kwargs={"num_beams": 1, **options})
+    options = {"num_beams": 1, **LONG_FORM_DEFAULTS}
+    outputs = asr(inputs, batch_size=1, return_timestamps=True, generate_kwargs=options)
     return [output["text"] for output in outputs]
 
 
