@@ -8,6 +8,7 @@ QUANTIZATION_DTYPES = ("int8",)  # what `whisper-moe quantize --dtype` writes
 QUANTIZATION_KEYS = frozenset({"dtype", "float_embeddings"})  # what a `quantization` dict may hold
 GROWTH_KEYS = frozenset({"num_experts", "num_experts_per_tok", "encoder_layers", "decoder_layers"})  # one phase
 GROWTH_PEER_KEY = "peer"  # a phase may also add a PEER block (peer.py) to its layers
+TTT_TYPES = ("linear", "mlp")  # TTT-Linear, TTT-MLP (ttt.py)
 PEER_KEYS = frozenset({"num_keys", "num_heads", "num_experts_per_head", "key_dim"})  # a phase's "peer" entry
 
 
@@ -112,6 +113,26 @@ class WhisperMoEConfig(WhisperConfig):
         vectors start at zero, so growing it is exact too. A phase that adds only a PEER block has `num_experts` and
         `num_experts_per_tok` 0, and its layers may be dense.
 
+    Test-Time-Training sub-layers (see ttt.py), off unless layers are listed:
+
+    encoder_ttt_layers (`list[int]`, *optional*):
+        Encoder layers that get a TTT sub-layer after their self-attention: pre-norm, then the bidirectional TTT
+        layer (forward and reversed passes, shared weights, a tanh gate each), added to the residual stream. The
+        gates start at 0, so adding TTT to a trained model changes no output until it is trained. `None` or `[]`:
+        none. Not with `variable_length_audio`: a TTT layer reads its whole row, and packed rows hold several clips.
+    decoder_ttt_layers (`list[int]`, *optional*):
+        The same for decoder layers, with the causal TTT layer behind one zero-initialised tanh gate; generation
+        carries each one's inner weights in the cache, so every decoded token costs the same.
+    ttt_type (`str`, defaults to `"mlp"`):
+        "linear" (TTT-Linear: the hidden state is one linear map per head) or "mlp" (TTT-MLP: a two-layer MLP 4x
+        the head width), as in the paper.
+    ttt_mini_batch_size (`int`, defaults to 16):
+        Tokens per inner gradient step (the paper's b = 16: smaller learns faster per token, larger is cheaper).
+    ttt_base_lr (`float`, *optional*):
+        base_lr of the inner learning-rate gate; the paper's 1.0 for "linear" and 0.1 for "mlp" when unset.
+    ttt_num_heads (`int`, *optional*):
+        Heads of the TTT layers (each with its own inner model); the layer's attention heads when unset.
+
     Text-to-speech fields, read only by [`WhisperMoEForTextToSpeech`] (the speech-recognition model ignores them):
 
     tts_speaker_embedding_dim (`int`, defaults to 0):
@@ -153,6 +174,12 @@ class WhisperMoEConfig(WhisperConfig):
     tts_postnet_layers: int = 0
     tts_reduction_factor: int = 1
     expert_growth: list[dict] | None = None
+    encoder_ttt_layers: list[int] | None = None
+    decoder_ttt_layers: list[int] | None = None
+    ttt_type: str = "mlp"
+    ttt_mini_batch_size: int = 16
+    ttt_base_lr: float | int | None = None
+    ttt_num_heads: int | None = None
 
     def check_text_encoder_layers(self, text_encoder_layers: int | None) -> None:
         """Raise unless `text_encoder_layers` is unset or between 1 and `encoder_layers`."""
@@ -203,6 +230,7 @@ class WhisperMoEConfig(WhisperConfig):
         self.check_text_encoder_layers(self.text_encoder_layers)
         self.check_quantization()
         self.check_growth()
+        self.check_ttt()
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}.")
         for side, num_layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
@@ -214,6 +242,38 @@ class WhisperMoEConfig(WhisperConfig):
                 raise ValueError(
                     f"{side}_sparse_layers names layers {unknown}, but the {side} has layers 0..{num_layers - 1}."
                 )
+
+    def check_ttt(self) -> None:
+        """Raise `ValueError` naming the offending value if the Test-Time-Training fields cannot work together."""
+        if self.ttt_type not in TTT_TYPES:
+            raise ValueError(f"ttt_type must be one of {TTT_TYPES}, got {self.ttt_type!r}.")
+        if self.ttt_mini_batch_size < 1:
+            raise ValueError(f"ttt_mini_batch_size must be at least 1, got {self.ttt_mini_batch_size}.")
+        if self.ttt_base_lr is not None and self.ttt_base_lr <= 0:
+            raise ValueError(f"ttt_base_lr must be positive, got {self.ttt_base_lr}.")
+        for side in ("encoder", "decoder"):
+            layers = getattr(self, f"{side}_ttt_layers") or []
+            num_layers = getattr(self, f"{side}_layers")
+            unknown = sorted(set(layers) - set(range(num_layers)))
+            if unknown:
+                raise ValueError(
+                    f"{side}_ttt_layers names layers {unknown}, but the {side} has layers 0..{num_layers - 1}."
+                )
+            heads = self.ttt_num_heads or getattr(self, f"{side}_attention_heads")
+            if layers and (self.d_model % heads or (self.d_model // heads) % 2):
+                raise ValueError(
+                    f"TTT layers split d_model={self.d_model} into {heads} heads, which must have an even width "
+                    "(set ttt_num_heads)."
+                )
+        if self.encoder_ttt_layers and self.variable_length_audio:
+            raise ValueError(
+                f"encoder_ttt_layers={self.encoder_ttt_layers} cannot be used with variable_length_audio: a TTT layer "
+                "reads its whole row, and packed rows hold several clips."
+            )
+
+    def has_ttt(self, side: str, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` of `side` has a Test-Time-Training sub-layer."""
+        return layer_idx in (getattr(self, f"{side}_ttt_layers") or ())
 
     def check_expert_segments(self) -> None:
         """Raise `ValueError` naming the value unless `expert_segments` is at least 1 and divides both ffn dims."""

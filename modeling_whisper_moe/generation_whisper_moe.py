@@ -13,6 +13,8 @@ from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.generation.logits_process import LogitsProcessor, WhisperNoSpeechDetection
 from transformers.modeling_outputs import BaseModelOutput
 
+from .ttt import reorder_ttt_states
+
 # Decoder task token for text output. Whisper's "translate" means "into English"; "transcribe" after a language token
 # means "write in that language", so <|de|><|transcribe|> asks for German whatever the input's language.
 TEXT_TASK = "transcribe"
@@ -118,6 +120,12 @@ class WhisperMoEGenerationMixin:
         if input_features is not None or args:
             raise ValueError("generate takes either input_features (audio) or input_ids (text), not both.")
         return self.generate_from_text(input_ids, **kwargs)
+
+    def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
+        """Beam search: the key/value caches and the decoder TTT layers' inner weights follow the kept beams."""
+        cache.reorder_cache(beam_idx)
+        reorder_ttt_states(cache, beam_idx)
+        return cache
 
     def _retrieve_logit_processors(self, generation_config, logits_processor, begin_index, num_beams, device):
         """Whisper's processors; with no-speech detection on, `ConfidentSilenceStop` after them."""

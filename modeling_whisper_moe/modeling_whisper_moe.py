@@ -36,6 +36,7 @@ from .model_card import model_card
 from .packing import block_diagonal_mask, pack, plan_packing, unpack
 from .peer import PEER, peer_blocks
 from .quantization import quantize_model
+from .ttt import TTTBase, cached_state, ttt_sublayer
 from .upcycling import add_text_frontend, upcycle
 
 IGNORE_INDEX = -100  # label value the cross-entropy skips (padding)
@@ -401,6 +402,14 @@ class _FeedForwardResidual:
     """The pre-norm residual feed-forward sub-block both layer kinds end with; a layer given PEER blocks by growth
     (peer.py) adds their output to the feed-forward block's, inside the residual branch."""
 
+    def test_time_training(self, hidden_states: torch.Tensor, cache=None) -> torch.Tensor:
+        """The layer's Test-Time-Training sub-layer (ttt.py), pre-norm and residual; the identity without one."""
+        if self.ttt is None:
+            return hidden_states
+        normed = self.ttt_layer_norm(hidden_states)
+        state = cached_state(cache, self.ttt, self.self_attn.layer_idx, normed) if self.ttt.causal else None
+        return hidden_states + F.dropout(self.ttt(normed, state), p=self.dropout, training=self.training)
+
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = hidden_states
         normed = self.final_layer_norm(hidden_states)
@@ -418,6 +427,7 @@ class WhisperMoEEncoderLayer(_FeedForwardResidual, WhisperEncoderLayer):
         del self.fc1, self.fc2
         self.mlp = _feed_forward_block(config, "encoder", layer_idx, config.encoder_ffn_dim)
         self.peers = peer_blocks(config, "encoder", layer_idx)
+        self.ttt_layer_norm, self.ttt = ttt_sublayer(config, "encoder", layer_idx)
 
     # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
@@ -427,7 +437,7 @@ class WhisperMoEEncoderLayer(_FeedForwardResidual, WhisperEncoderLayer):
             hidden_states=self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, **kwargs
         )
         hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = self.feed_forward(hidden_states)
+        hidden_states = self.feed_forward(self.test_time_training(hidden_states))
         if hidden_states.dtype == torch.float16:
             clamp_value = torch.finfo(hidden_states.dtype).max - 1000
             hidden_states = hidden_states.clamp(min=-clamp_value, max=clamp_value)
@@ -440,6 +450,7 @@ class WhisperMoEDecoderLayer(_FeedForwardResidual, WhisperDecoderLayer):
         del self.fc1, self.fc2
         self.mlp = _feed_forward_block(config, "decoder", layer_idx, config.decoder_ffn_dim)
         self.peers = peer_blocks(config, "decoder", layer_idx)
+        self.ttt_layer_norm, self.ttt = ttt_sublayer(config, "decoder", layer_idx)
 
     # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(
@@ -470,6 +481,7 @@ class WhisperMoEDecoderLayer(_FeedForwardResidual, WhisperDecoderLayer):
             self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs
         )
         hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.test_time_training(hidden_states, cache)
         if encoder_hidden_states is not None:
             residual = hidden_states
             hidden_states, _ = self.encoder_attn(
@@ -541,6 +553,22 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
         sizes = (num_keys, num_heads, num_experts_per_head, key_dim)
         return grow_peer(self, *sizes, encoder_layers, decoder_layers, seed)
 
+    def add_ttt(
+        self,
+        encoder_layers: list[int] | None = None,
+        decoder_layers: list[int] | None = None,
+        ttt_type: str = "mlp",
+        mini_batch_size: int = 16,
+        base_lr: float | None = None,
+        num_heads: int | None = None,
+        seed: int = 0,
+    ) -> "WhisperMoEPreTrainedModel":
+        """Give the chosen layers (all by default) a Test-Time-Training sub-layer with closed gates, outputs
+        unchanged; in place. See ttt.py."""
+        from .ttt import add_ttt
+
+        return add_ttt(self, encoder_layers, decoder_layers, ttt_type, mini_batch_size, base_lr, num_heads, seed)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -555,6 +583,8 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
             init.zeros_(module.fc1_bias)
             init.zeros_(module.fc2_bias)
         elif isinstance(module, PEER):  # after its Linear and Embedding children: zero up vectors win
+            module.init_weights(std)
+        elif isinstance(module, TTTBase):  # its own parameters, gates closed
             module.init_weights(std)
 
 

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
-TTT_TYPES = ("linear", "mlp")
+from .configuration_whisper_moe import WhisperMoEConfig
+
 TTT_NORM_EPS = 1e-6  # the inner LayerNorm's and the post-norm's epsilon, as in the reference
 TTT_INIT_STD = 0.02  # inner weights and learning-rate gate, as in the reference
 MLP_EXPANSION = 4  # TTT-MLP's hidden width per head, in head dims
@@ -185,6 +187,25 @@ class TTTBase(nn.Module):
         elif gate_init is not None:
             self.gate = nn.Parameter(torch.full((hidden_size,), gate_init))
 
+    @torch.no_grad()
+    def init_weights(self, std: float = TTT_INIT_STD) -> None:
+        """The reference's initialisation, with every gate closed (0): a layer added to a trained model adds 0."""
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            init.normal_(linear.weight, std=std)
+        for name in self.inner_names:  # W*: N(0, std), b*: 0
+            parameter = getattr(self, name)
+            init.normal_(parameter, std=std) if name.startswith("W") else init.zeros_(parameter)
+        init.normal_(self.learnable_ttt_lr_weight, std=std)
+        init.zeros_(self.learnable_ttt_lr_bias)
+        init.zeros_(self.learnable_token_idx)
+        init.ones_(self.ttt_norm_weight)
+        init.zeros_(self.ttt_norm_bias)
+        init.ones_(self.post_norm.weight)
+        init.zeros_(self.post_norm.bias)
+        for name in ("gate", "forward_gate", "backward_gate"):
+            if hasattr(self, name):
+                init.zeros_(getattr(self, name))
+
     # -- what the two inner models define ------------------------------------------------------------------------
 
     def inner_chunk(
@@ -328,3 +349,100 @@ class TTTMLP(TTTBase):
 
 
 TTT_CLASSES = {"linear": TTTLinear, "mlp": TTTMLP}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In WhisperMoE: a sub-layer per chosen layer, its decoder state in the generation cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+TTT_CACHE_ATTRIBUTE = "ttt_states"  # {decoder layer index: TTTState} set on a generation cache
+
+
+def ttt_sublayer(config: WhisperMoEConfig, side: str, layer_idx: int) -> tuple[nn.LayerNorm | None, TTTBase | None]:
+    """(pre-norm, TTT layer) of a layer that config.{side}_ttt_layers lists, else (None, None). The encoder's is
+    bidirectional, the decoder's causal; both start with closed gates."""
+    if not config.has_ttt(side, layer_idx):
+        return None, None
+    heads = config.ttt_num_heads or getattr(config, f"{side}_attention_heads")
+    rate = {} if config.ttt_base_lr is None else {"ttt_base_lr": config.ttt_base_lr}
+    layer = TTT_CLASSES[config.ttt_type](
+        config.d_model, heads, config.ttt_mini_batch_size, causal=side == "decoder", gate_init=0.0, **rate
+    )
+    return nn.LayerNorm(config.d_model), layer
+
+
+def cached_state(cache, layer: TTTBase, layer_idx: int, hidden_states: torch.Tensor) -> TTTState | None:
+    """The state decoder layer `layer_idx`'s TTT layer continues from, kept on the generation `cache` (None: no
+    cache, the call reads its tokens from the start). Called after the layer's self-attention, which has already
+    cached the new tokens; a cache that holds tokens the TTT layer never read (it was cropped, as assisted decoding
+    does, or filled elsewhere) is refused: the inner weights cannot be rewound."""
+    if cache is None:
+        return None
+    states = cache.__dict__.setdefault(TTT_CACHE_ATTRIBUTE, {})
+    before = cache.get_seq_length(layer_idx) - hidden_states.shape[1]
+    state = states.get(layer_idx)
+    if state is None and before == 0:
+        state = states[layer_idx] = layer.initial_state(hidden_states.shape[0])
+    if state is None or state.seen != before:
+        read = 0 if state is None else state.seen
+        raise ValueError(
+            f"decoder layer {layer_idx}'s TTT layer has read {read} tokens but the cache holds {before}: a TTT "
+            "decoder cannot rewind its inner weights, so assisted / speculative decoding and cropped caches are not "
+            "supported with decoder_ttt_layers."
+        )
+    return state
+
+
+def reorder_ttt_states(cache, beam_idx: torch.Tensor) -> None:
+    """Make the TTT states on `cache` follow the rows beam search keeps (as the key/value caches do)."""
+    states = getattr(cache, TTT_CACHE_ATTRIBUTE, {})
+    for layer_idx, state in states.items():
+        states[layer_idx] = state.select(beam_idx.to(next(iter(state.params.values())).device))
+
+
+TTT_SHARED_FIELDS = ("ttt_type", "ttt_mini_batch_size", "ttt_base_lr", "ttt_num_heads")  # one setting per model
+
+
+def add_ttt(
+    model: nn.Module,
+    encoder_layers: list[int] | None = None,
+    decoder_layers: list[int] | None = None,
+    ttt_type: str = "mlp",
+    mini_batch_size: int = 16,
+    base_lr: float | None = None,
+    num_heads: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Give the chosen encoder and decoder layers (None: all; []: none) a TTT sub-layer whose gates are closed, so
+    the model computes exactly what it did; in place, recorded in the config. A model that has TTT layers already
+    keeps its TTT settings: new layers must use the same ones."""
+    config = model.config
+    settings = dict(zip(TTT_SHARED_FIELDS, (ttt_type, mini_batch_size, base_lr, num_heads)))
+    if config.encoder_ttt_layers or config.decoder_ttt_layers:
+        differ = {name: getattr(config, name) for name, value in settings.items() if getattr(config, name) != value}
+        if differ:
+            raise ValueError(f"the model's TTT layers use {differ}; new TTT layers must use the same settings.")
+    chosen = {}
+    for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):
+        count = getattr(config, f"{side}_layers")
+        chosen[side] = list(range(count)) if layers is None else sorted(set(layers))
+    candidate = config.to_dict() | settings
+    for side in chosen:
+        candidate[f"{side}_ttt_layers"] = sorted(set(getattr(config, f"{side}_ttt_layers") or ()) | set(chosen[side]))
+    type(config).from_dict(candidate)  # raises ValueError naming what cannot work, before anything changes
+    for name, value in settings.items():
+        setattr(config, name, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for side, stack in (("encoder", model.get_encoder()), ("decoder", model.get_decoder())):
+            setattr(config, f"{side}_ttt_layers", candidate[f"{side}_ttt_layers"])
+            for index in chosen[side]:
+                layer = stack.layers[index]
+                if layer.ttt is not None:
+                    continue
+                norm, ttt = ttt_sublayer(config, side, index)
+                ttt.init_weights(config.init_std)
+                reference = layer.final_layer_norm.weight
+                layer.ttt_layer_norm = norm.to(reference.device, reference.dtype)
+                layer.ttt = ttt.to(reference.device, reference.dtype)
+    return model

@@ -1,5 +1,5 @@
-"""`whisper-moe` command line: convert CTranslate2 checkpoints, upcycle dense Whisper, grow experts, prune, quantize,
-transcribe audio."""
+"""`whisper-moe` command line: convert CTranslate2 checkpoints, upcycle dense Whisper, grow experts, add TTT layers,
+prune, quantize, transcribe audio."""
 
 import argparse
 import json
@@ -122,6 +122,39 @@ def _add_experts(args: argparse.Namespace) -> None:
           f"{args.num_experts_per_tok}) to encoder layers {phase['encoder_layers']} and decoder layers "
           f"{phase['decoder_layers']}; {before / 1e6:.1f} M -> {total / 1e6:.1f} M parameters, {active / 1e6:.1f} M "
           "active per token; outputs unchanged until trained", file=sys.stderr)  # fmt: skip
+
+
+def _add_ttt(args: argparse.Namespace) -> None:
+    from transformers import WhisperForConditionalGeneration
+
+    from modeling_whisper_moe.model_card import count_parameters
+    from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
+    from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
+
+    source = Path(args.src)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+    model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type == WhisperMoEConfig.model_type:
+        model = WhisperMoEForConditionalGeneration.from_pretrained(source, dtype="float32")
+    elif model_type == "whisper":  # a dense Whisper becomes a WhisperMoE whose layers all stay dense: exact
+        dense = WhisperForConditionalGeneration.from_pretrained(source, dtype="float32")
+        all_dense = {"encoder_sparse_layers": [], "decoder_sparse_layers": []}
+        model = WhisperMoEForConditionalGeneration.from_dense(dense, **all_dense)
+    else:
+        raise ValueError(f"{source} holds a {model_type!r} model; add-ttt takes a Whisper or WhisperMoE folder.")
+    before, _ = count_parameters(model)
+    model.add_ttt(args.encoder_layers, args.decoder_layers, args.type, args.mini_batch_size, args.base_lr,
+                  args.num_heads, args.seed)  # fmt: skip
+    processor = WhisperMoEProcessor.from_pretrained(source)
+    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    total, _ = count_parameters(model)
+    config = model.config
+    print(f"Wrote {args.dst}: TTT-{config.ttt_type} in encoder layers {config.encoder_ttt_layers} and decoder layers "
+          f"{config.decoder_ttt_layers}; {before / 1e6:.1f} M -> {total / 1e6:.1f} M parameters; outputs unchanged "
+          "until trained (the gates start closed)", file=sys.stderr)  # fmt: skip
 
 
 def _transcribe(args: argparse.Namespace) -> None:
@@ -248,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--init", default="copy", choices=["copy", "random"], help="new experts' input projection")
     grow.add_argument("--seed", type=int, default=0)
     grow.set_defaults(run=_add_experts)
+
+    ttt = commands.add_parser("add-ttt", help="add Test-Time-Training sub-layers to a folder, outputs unchanged")
+    ttt.add_argument("src", help="a float Whisper or WhisperMoE folder (converted, upcycled or fine-tuned)")
+    ttt.add_argument("dst", help="output folder")
+    ttt.add_argument("--type", default="mlp", choices=["linear", "mlp"], help="TTT-Linear or TTT-MLP")
+    ttt.add_argument("--encoder-layers", type=_layer_list, default=None, help="'all' (default), 'none' or 0,2")
+    ttt.add_argument("--decoder-layers", type=_layer_list, default=None, help="'all' (default), 'none' or 0,2")
+    ttt.add_argument("--mini-batch-size", type=int, default=16, help="tokens per inner gradient step")
+    ttt.add_argument("--base-lr", type=float, default=None, help="inner base rate; 1.0 (linear) / 0.1 (mlp)")
+    ttt.add_argument("--num-heads", type=int, default=None, help="TTT heads; the attention heads by default")
+    ttt.add_argument("--seed", type=int, default=0)
+    ttt.set_defaults(run=_add_ttt)
 
     prune = commands.add_parser("prune-experts", help="keep each sparse layer's most-used experts")
     prune.add_argument("src", help="a WhisperMoE folder")

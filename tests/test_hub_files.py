@@ -23,6 +23,7 @@ SHIPPED_CODE = {
     "pipeline_whisper_moe.py",
     "processing_whisper_moe.py",
     "quantization.py",
+    "ttt.py",
     "upcycling.py",
     "vocoder.py",
 }

@@ -8,8 +8,10 @@ layer was also checked against test-time-training/ttt-lm-pytorch itself, outside
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, run_without_package, tiny_batch, tiny_moe, tiny_moe_config
 
-from modeling_whisper_moe.ttt import TTTMLP, TTTLinear
+from modeling_whisper_moe import WhisperMoEForConditionalGeneration
+from modeling_whisper_moe.ttt import TTT_CACHE_ATTRIBUTE, TTTMLP, TTTLinear
 
 HIDDEN, HEADS, MINI_BATCH = 32, 4, 8
 REFERENCE_NAMES = {
@@ -183,3 +185,149 @@ def test_impossible_shapes_and_stateful_bidirectional_calls_are_refused():
     layer = TTTLinear(HIDDEN, HEADS, causal=False)
     with pytest.raises(ValueError, match="bidirectional"):
         layer(torch.randn(1, 4, HIDDEN), layer.initial_state(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In the model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _open_gates(model: torch.nn.Module, value: float = 0.5) -> None:
+    """What training does first: the closed gates open, so the TTT sub-layers change the outputs."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("gate"):
+                parameter.fill_(value)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_adding_ttt_keeps_every_output_and_the_folder_reloads_it(kind, tmp_path):
+    model = tiny_moe()
+    batch = tiny_batch()
+    with torch.no_grad():
+        before = model(**batch).logits
+    model.add_ttt(ttt_type=kind, mini_batch_size=4)
+    assert model.config.encoder_ttt_layers == [0, 1] and model.config.decoder_ttt_layers == [0, 1]
+    assert {type(layer.ttt).__name__ for layer in model.model.encoder.layers} == {type(_layer(kind)).__name__}
+    assert [layer.ttt.causal for layer in model.model.decoder.layers] == [True, True]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    _open_gates(model)
+    model.save_pretrained(tmp_path)
+    reloaded, info = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, model(**batch).logits)
+        assert not torch.allclose(model(**batch).logits, before)  # open gates do change the outputs
+
+
+def test_a_fresh_model_with_ttt_starts_with_closed_gates_and_they_learn():
+    model = tiny_moe(encoder_ttt_layers=[1], decoder_ttt_layers=[0], ttt_type="linear", ttt_mini_batch_size=4).train()
+    gates = {name: parameter for name, parameter in model.named_parameters() if name.endswith("gate")}
+    assert sorted(gates) == [
+        "model.decoder.layers.0.ttt.gate",
+        "model.encoder.layers.1.ttt.backward_gate",
+        "model.encoder.layers.1.ttt.forward_gate",
+    ]
+    assert all(torch.equal(gate, torch.zeros_like(gate)) for gate in gates.values())
+    model(**tiny_batch()).loss.backward()
+    assert all(gate.grad.abs().sum() > 0 for gate in gates.values())
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_generation_equals_recomputing_the_prefix(num_beams):
+    model = tiny_moe(max_target_positions=40)
+    model.add_ttt(ttt_type="mlp", mini_batch_size=4)
+    _open_gates(model, 2.0)
+    features = tiny_batch(batch=2)["input_features"]
+    options = dict(max_new_tokens=25, min_new_tokens=25, num_beams=num_beams, do_sample=False)
+    with torch.no_grad():
+        cached = model.generate(features, use_cache=True, **options)
+        recomputed = model.generate(features, use_cache=False, **options)
+    assert cached.shape[-1] >= 25
+    assert torch.equal(cached, recomputed)
+
+
+def test_a_cache_the_ttt_layer_did_not_read_is_refused():
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    model = tiny_moe(decoder_ttt_layers=[0, 1], ttt_mini_batch_size=4)
+    features = tiny_batch(batch=1)["input_features"]
+    ids = torch.tensor([[TINY["decoder_start_token_id"], 5, 6, 7]])
+    cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    with torch.no_grad():
+        model(input_features=features, decoder_input_ids=ids, cache=cache, use_cache=True)
+        assert [state.seen for state in getattr(cache, TTT_CACHE_ATTRIBUTE).values()] == [4, 4]
+        cache.crop(-2)  # what assisted decoding does after rejected draft tokens
+        with pytest.raises(ValueError, match="cannot rewind"):
+            model(input_features=features, decoder_input_ids=ids[:, 2:3], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"ttt_type": "conv"}, "ttt_type"),
+        ({"encoder_ttt_layers": [2]}, "encoder_ttt_layers names layers \\[2\\]"),
+        ({"decoder_ttt_layers": [0], "ttt_mini_batch_size": 0}, "ttt_mini_batch_size"),
+        ({"decoder_ttt_layers": [0], "ttt_base_lr": -1.0}, "ttt_base_lr"),
+        ({"decoder_ttt_layers": [0], "ttt_num_heads": 3}, "even width"),
+        ({"encoder_ttt_layers": [0], "variable_length_audio": True}, "packed rows"),
+    ],
+)
+def test_impossible_ttt_configs_raise(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_moe_config(**fields)
+
+
+def test_adding_ttt_with_other_settings_than_the_models_is_refused():
+    model = tiny_moe()
+    model.add_ttt(encoder_layers=[0], decoder_layers=[], ttt_type="linear", mini_batch_size=4)
+    with pytest.raises(ValueError, match="ttt_type"):
+        model.add_ttt(decoder_layers=[1], ttt_type="mlp", mini_batch_size=4)
+    with pytest.raises(ValueError, match="encoder_ttt_layers names layers \\[5\\]"):
+        model.add_ttt(encoder_layers=[5], ttt_type="linear", mini_batch_size=4)
+    assert model.config.encoder_ttt_layers == [0] and model.config.decoder_ttt_layers == []
+    model.add_ttt(encoder_layers=[], decoder_layers=[1], ttt_type="linear", mini_batch_size=4)
+    assert model.config.decoder_ttt_layers == [1] and model.model.decoder.layers[1].ttt is not None
+
+
+# 16 kHz mono arrays, not paths: transformers' own pipeline (the dense source's) needs ffmpeg to read a file
+TTT_REMOTE_SCRIPT = """
+import soundfile
+from transformers import pipeline
+
+data, folders = sys.argv[1], sys.argv[2:]
+clips = [data + "/librispeech/test-other/1688/142285/1688-142285-000" + str(i) + ".flac" for i in (0, 1)]
+audio = [dict(zip(("raw", "sampling_rate"), soundfile.read(clip, dtype="float32"))) for clip in clips]
+result = {}
+for folder in folders:
+    asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+    kinds = sorted({type(m).__name__ for m in asr.model.modules() if type(m).__name__.startswith("TTT")})
+    result[folder] = {"texts": [asr(dict(clip))["text"] for clip in audio], "module": type(asr.model).__module__,
+                      "ttt": kinds}
+"""
+
+
+@pytest.mark.slow
+def test_add_ttt_cli_keeps_real_transcripts_through_the_remote_pipeline(
+    tiny_en_dense, tiny_en_moe, data_dir, tmp_path
+):  # noqa: E501
+    """`whisper-moe add-ttt` in every layer of real tiny.en, converted (dense) and upcycled 8x2: the new folders
+    transcribe real speech exactly as their sources, from the folder's code alone."""
+    from processing.cli import main as cli
+
+    pairs = []
+    for source, kind in ((tiny_en_dense, "linear"), (tiny_en_moe, "mlp")):
+        with_ttt = tmp_path / f"{source.name}-ttt"
+        assert cli(["add-ttt", str(source), str(with_ttt), "--type", kind]) == 0
+        pairs.append((source, with_ttt))
+    assert cli(["add-ttt", str(tiny_en_moe), str(tmp_path / "bad"), "--num-heads", "5"]) == 1
+    assert not (tmp_path / "bad").exists()
+    folders = [str(folder) for pair in pairs for folder in pair]
+    remote = run_without_package(TTT_REMOTE_SCRIPT, data_dir, *folders, tmp_path=tmp_path)
+    assert remote["leaked"] == []
+    for (source, with_ttt), kind in zip(pairs, ("TTTLinear", "TTTMLP")):
+        assert remote[str(with_ttt)]["texts"] == remote[str(source)]["texts"]
+        assert remote[str(with_ttt)]["module"].startswith("transformers_modules")
+        assert remote[str(with_ttt)]["ttt"] == [kind] and remote[str(source)]["ttt"] == []
+    assert "Margaret said Mr. Hale" in remote[str(pairs[0][0])]["texts"][1]
