@@ -49,6 +49,14 @@ class ModelArguments:
     training_mode: str = field(
         default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}, lifelong (the newest experts only)"}
     )
+    # Test-Time-Training sub-layers added before training (modeling_whisper_moe/ttt.py; closed gates: exact)
+    ttt_encoder_layers: str | None = field(default=None, metadata={"help": "add TTT to encoder layers: all, 0,2"})
+    ttt_decoder_layers: str | None = field(default=None, metadata={"help": "add TTT to decoder layers: all, 0,2"})
+    ttt_type: str = field(default="mlp", metadata={"help": "linear (TTT-Linear) or mlp (TTT-MLP)"})
+    ttt_mini_batch_size: int = field(default=16, metadata={"help": "tokens per inner TTT step"})
+    ttt_base_lr: float | None = field(default=None, metadata={"help": "inner base rate (1.0 linear, 0.1 mlp)"})
+    # ttt-video-dit trains its TTT layers at 10x the pretrained backbone's rate: they start from nothing
+    ttt_lr_multiplier: float = field(default=10.0, metadata={"help": "TTT parameters' learning rate / the rest's"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (training_mode=lora)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (training_mode=lora)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "must stay 0: expert adapters have no input"})

@@ -26,6 +26,7 @@ from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAnd
 from modeling_whisper_moe.upcycling import segmented_options
 from processing.arguments import MODEL_CLASSES, DataArguments, ModelArguments
 from processing.convert_ct2 import bundled_folder
+from processing.lifelong import parse_layers
 from processing.recipes import PRESETS_DIR, find_configuration
 from processing.tasks import get_task
 from processing.tasks.tts import num_speakers
@@ -85,6 +86,7 @@ def load_model(args: ModelArguments, data: DataArguments, tasks: list[str]):
     else:
         model, processor = speech_to_text_model(args)
     _apply_training_overrides(model, args)
+    add_ttt_layers(model, args)
     model.config.use_cache = False  # training never reuses keys/values; generation turns the cache back on
     logger.info("%s: %.2fM parameters", name, sum(p.numel() for p in model.parameters()) / 1e6)
     return model, processor
@@ -185,6 +187,20 @@ def pretrained_generalist(args: ModelArguments, num_voices: int) -> WhisperMoEFo
         raise ValueError(f"{folder}'s weights do not fit the generalist: {mismatched[:5]}")
     model.generation_config = copy.deepcopy(source.generation_config)
     return model
+
+
+def add_ttt_layers(model, args: ModelArguments) -> None:
+    """Give the layers `--ttt_encoder_layers` / `--ttt_decoder_layers` name TTT sub-layers (closed gates, exact)."""
+    if args.ttt_encoder_layers is None and args.ttt_decoder_layers is None:
+        return
+    if not isinstance(model, WhisperMoEForConditionalGeneration):
+        raise ValueError(f"TTT layers are added to a WhisperMoE speech-to-text model, not a {type(model).__name__}.")
+    config = model.config
+    sides = ((args.ttt_encoder_layers, config.encoder_layers), (args.ttt_decoder_layers, config.decoder_layers))
+    layers = [parse_layers(spec or "none", count) for spec, count in sides]
+    model.add_ttt(*layers, args.ttt_type, args.ttt_mini_batch_size, args.ttt_base_lr)
+    logger.info("TTT-%s in encoder layers %s, decoder layers %s", config.ttt_type, config.encoder_ttt_layers,
+                config.decoder_ttt_layers)  # fmt: skip
 
 
 def _apply_training_overrides(model, args: ModelArguments) -> None:

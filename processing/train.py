@@ -129,6 +129,7 @@ def single_task_trainer(name: str, context: TaskContext, run: RunArguments, froz
         callbacks=callbacks,
         task=name,
         speech_output_tasks=[name] if task.speech_output else [],
+        ttt_lr_multiplier=run.model.ttt_lr_multiplier,
         **kwargs,
     )
     return trainer, task.generation_kwargs(context)
@@ -154,6 +155,7 @@ def mixture_trainer(tasks: list[str], context: TaskContext, run: RunArguments, c
         processing_class=context.processor,
         callbacks=callbacks,
         speech_output_tasks=speech_output,
+        ttt_lr_multiplier=run.model.ttt_lr_multiplier,
         batch_sampler=TaskBatchSampler(mixture.sizes(), batch_sizes, steps, seed=run.training.seed),
     )
     return trainer, {name: {"steps": steps[name], "batch_size": batch_sizes[name]} for name in steps}

@@ -33,6 +33,7 @@ FROZEN_IN_ATTENTION_MODE = (
     "proj_out.",
     "encoder.conv",
 )
+TTT_PARAMETERS = (".ttt.", ".ttt_layer_norm.")  # what --ttt_lr_multiplier speeds up (ttt.py sub-layers)
 LORA_ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_EXPERT_PARAMETERS = ["experts.fc1_weight", "experts.fc2_weight"]
 # what a model output may carry of its loss, unweighted, for the logs (besides the token cross-entropy `ce`)
@@ -106,10 +107,28 @@ class WhisperMoETrainer(Seq2SeqTrainer):
     """
 
     def __init__(self, *args, task: str | None = None, speech_output_tasks: Sequence[str] = (),
-                 batch_sampler: Sampler | None = None, **kwargs):  # fmt: skip
+                 batch_sampler: Sampler | None = None, ttt_lr_multiplier: float = 1.0, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.task, self.speech_output_tasks, self.batch_sampler = task, tuple(speech_output_tasks), batch_sampler
+        self.ttt_lr_multiplier = ttt_lr_multiplier
         self._logged: dict[str, list[float]] = defaultdict(list)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with Test-Time-Training parameters (TTT_PARAMETERS) in groups of their own at
+        `ttt_lr_multiplier` times the learning rate: they start from nothing while the rest is pretrained. The
+        schedule scales every group alike."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if not fresh or self.ttt_lr_multiplier == 1.0:
+            return optimizer
+        names = {id(parameter): name for name, parameter in (model or self.model).named_parameters()}
+        for group in list(optimizer.param_groups):
+            ttt = [p for p in group["params"] if any(part in names.get(id(p), "") for part in TTT_PARAMETERS)]
+            if ttt:
+                moved = {id(p) for p in ttt}
+                group["params"] = [p for p in group["params"] if id(p) not in moved]
+                optimizer.add_param_group({**group, "params": ttt, "lr": group["lr"] * self.ttt_lr_multiplier})
+        return optimizer
 
     def get_train_dataloader(self) -> DataLoader:
         if self.batch_sampler is None:

@@ -139,8 +139,25 @@ def _train_command(folder, data_dir, output_dir) -> list[str]:
     ]  # fmt: skip
 
 
+def test_ttt_parameters_train_at_their_own_rate(tmp_path):
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.model.add_ttt(ttt_type="linear", mini_batch_size=4)
+    trainer.ttt_lr_multiplier = 10.0
+    optimizer = trainer.create_optimizer()
+    names = {id(parameter): name for name, parameter in trainer.model.named_parameters()}
+    rates = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert len(rates) == sum(p.requires_grad for p in trainer.model.parameters())  # every trained one, once
+    ttt = {name for name in rates if ".ttt." in name or ".ttt_layer_norm." in name}
+    assert ttt and {rates[name] for name in ttt} == {1e-2} and set(rates.values()) - {1e-2} == {1e-3}
+    trainer.train()
+    gates = [p for name, p in trainer.model.named_parameters() if name.endswith("gate")]
+    assert gates and all(gate.abs().sum() > 0 for gate in gates)  # the closed gates opened
+
+
 def test_train_script_writes_a_hub_folder_with_a_model_card(tiny_random_moe, data_dir, tmp_path):
-    proc = subprocess.run([sys.executable, *_train_command(tiny_random_moe, data_dir, tmp_path / "out")],
+    # with TTT sub-layers added by flags: the saved folder keeps them
+    ttt = ["--ttt_decoder_layers", "all", "--ttt_encoder_layers", "1", "--ttt_mini_batch_size", "4"]
+    proc = subprocess.run([sys.executable, *_train_command(tiny_random_moe, data_dir, tmp_path / "out"), *ttt],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -154,6 +171,8 @@ def test_train_script_writes_a_hub_folder_with_a_model_card(tiny_random_moe, dat
     assert (out / "checkpoint-2").is_dir() and (out / "modeling_whisper_moe.py").is_file()
     loaded = WhisperMoEForConditionalGeneration.from_pretrained(out)
     assert loaded.config.num_experts == 4
+    assert loaded.config.encoder_ttt_layers == [1] and loaded.config.decoder_ttt_layers == [0, 1]
+    assert loaded.model.decoder.layers[1].ttt.gate.abs().sum() > 0  # trained
 
 
 def _free_port() -> str:
