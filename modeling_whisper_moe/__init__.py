@@ -26,6 +26,7 @@ from .modeling_whisper_moe_tts import WhisperMoEForSpeechAndText, WhisperMoEForT
 from .pipeline_text_to_audio import WhisperMoETextToAudioPipeline
 from .pipeline_whisper_moe import WhisperMoEASRPipeline
 from .processing_whisper_moe import WhisperMoEProcessor
+from .video import iter_video, load_video
 
 __version__ = "0.1.0"
 
@@ -52,7 +53,9 @@ __all__ = [
     "WhisperMoEPreTrainedModel",
     "WhisperMoEProcessor",
     "WhisperMoETextToAudioPipeline",
+    "iter_video",
     "load_audio",
     "load_balancing_loss",
+    "load_video",
     "router_z_loss",
 ]

@@ -17,6 +17,10 @@ Measures, each as a median over repeats and as a ratio to its baseline:
   runs them with no options (sequential long-form, greedy, WhisperMoE's LONG_FORM_DEFAULTS, which the dense
   Whisper gets passed), and faster-whisper's sequential `transcribe` at the same beam size with its own fallback
   defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense);
+- Test-Time-Training (`--sections ttt`): one layer at --moe's width over 1,500 (Whisper's encoder frames), 6,000 and
+  24,000 tokens (--ttt-tokens), batch 1: causal attention (PyTorch's scaled-dot-product kernel), TTT-Linear and
+  TTT-MLP (causal, mini-batch 16), forward alone and forward + backward, time and peak memory, each measured in a
+  fresh process so one row's allocations cannot hide another's peak; ratios to attention at the same length;
 With --variants, only this instead: MoE variants upcycled in memory from --dense (coarse, fine-grained with
 `expert_segments`, with shared experts), their sizes, then each one's transcription of the same clips at each of
 --variant-batches and one training step on the same batch (frozen encoder, as configuration/recipes/asr-finetune.json),
@@ -28,6 +32,7 @@ Prints a markdown table and writes JSON. A benchmark, not a test: numbers depend
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import statistics
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import WhisperForConditionalGeneration, pipeline
 
 from modeling_whisper_moe import (
@@ -73,7 +79,8 @@ TRAIN_LABEL_TOKENS = 24  # label length of the synthetic training batch
 VARIANT_PATTERN = re.compile(r"(\d+)x(\d+)(?:-seg(\d+))?(?:-shared(\d+))?")  # ExK[-segM][-sharedS]
 # all but the last have the active parameters of two dense blocks per token; 8x2-shared1 (the shared preset) has three
 DEFAULT_VARIANTS = ("8x2", "8x2-seg4", "8x1-shared1", "8x1-seg4-shared1", "8x2-shared1")
-SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form")
+SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form", "ttt")
+TTT_SYSTEMS = ("attention", "ttt-linear", "ttt-mlp")
 DENSE_SECTIONS = ("transcription", "training")  # the ones that time the dense source next to the MoE
 
 
@@ -106,6 +113,54 @@ def bench_dispatch(tokens: int, d_model: int, ffn_dim: int, repeats: int) -> lis
     seconds = median_seconds(partial(_matmul_floor, block, hidden), repeats)
     rows.append({"benchmark": f"dispatch {tokens} tokens fwd+bwd", "system": "matmuls only", "seconds": seconds})
     return _with_ratio(rows, baseline="loop")
+
+
+def bench_ttt(d_model: int, num_heads: int, lengths: list[int], repeats: int) -> list[dict]:
+    """Attention vs TTT-Linear vs TTT-MLP, one layer, at each length: see the module docstring."""
+    rows = []
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter per row: its peak memory is its own
+    for tokens in lengths:
+        for backward in (False, True):
+            group = []
+            for system in TTT_SYSTEMS:
+                with spawn.Pool(1) as pool:
+                    seconds, peak_mb = pool.apply(_ttt_row, (system, d_model, num_heads, tokens, backward, repeats))
+                mode = "fwd+bwd" if backward else "fwd"
+                group.append({"benchmark": f"one layer, {tokens} tokens, {mode}", "system": system,
+                              "seconds": seconds, "peak_mb": peak_mb})  # fmt: skip
+            rows += _with_ratio(group, baseline="attention")
+    return rows
+
+
+def _ttt_row(system: str, d_model: int, num_heads: int, tokens: int, backward: bool, repeats: int):
+    """(median seconds, peak MB above the process's resident memory before the first run) of one layer."""
+    import resource
+
+    from modeling_whisper_moe.ttt import TTT_CLASSES
+
+    torch.manual_seed(0)
+    if system == "attention":
+        projections = torch.nn.Linear(d_model, 3 * d_model), torch.nn.Linear(d_model, d_model)
+
+        def layer(hidden: torch.Tensor) -> torch.Tensor:
+            q, k, v = projections[0](hidden).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return projections[1](mixed.transpose(1, 2).flatten(2))
+    else:
+        layer = TTT_CLASSES[system.removeprefix("ttt-")](d_model, num_heads)
+    hidden = torch.randn(1, tokens, d_model, requires_grad=backward)
+
+    def step() -> None:
+        if backward:
+            layer(hidden).square().mean().backward()
+        else:
+            with torch.no_grad():
+                layer(hidden)
+
+    before = _rss_bytes()
+    seconds = median_seconds(step, repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return seconds, (peak - before) / 1e6
 
 
 def _matmul_floor(block: torch.nn.Module, hidden: torch.Tensor) -> None:
@@ -525,6 +580,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-heads", type=int, default=4, help="growth: PEER retrieval heads")
     parser.add_argument("--peer-experts-per-head", type=int, default=16, help="growth: PEER top-k per head")
     parser.add_argument("--peer-key-dim", type=int, default=128, help="growth: PEER query width")
+    parser.add_argument("--ttt-tokens", type=int, nargs="+", default=[1500, 6000, 24000], help="ttt: lengths")
     parser.add_argument("--output-json", type=Path)
     args = parser.parse_args(argv)
     if args.variants is None and args.moe is None:
@@ -567,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     if "long_form" in args.sections:
         models = {"dense": args.dense, "moe": args.moe} if args.dense else {"moe": args.moe}
         rows += bench_long_form(models, args.faster_whisper, args.long_form, args.long_form_limit)
+    if "ttt" in args.sections:
+        rows += bench_ttt(moe_config.d_model, moe_config.encoder_attention_heads, args.ttt_tokens, args.repeats)
     print(markdown(rows))
     _write_json(args, rows)
     return 0

@@ -25,6 +25,7 @@ SHIPPED_CODE = {
     "quantization.py",
     "ttt.py",
     "upcycling.py",
+    "video.py",
     "vocoder.py",
 }
 # The package's own entry point; a Hub folder is loaded module by module through auto_map instead.
