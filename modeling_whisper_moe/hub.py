@@ -59,7 +59,7 @@ HUB_MODULES = (
     "modeling_whisper_moe_tts.py",
     "pipeline_text_to_audio.py",
     "growth.py",
-    "video.py",  # frames for video inputs (the video front-ends' pipelines read them)
+    "video.py",  # frames of video files, for video inputs
 )
 
 

@@ -123,3 +123,14 @@ def test_bad_sources_raise_clear_errors(tmp_path, data_dir):
         load_video(path, fps=0)
     with pytest.raises(ValueError, match="size"):
         load_video(path, size=(0, 4))
+
+
+@pytest.mark.parametrize("name", ["big_buck_bunny_small.mp4", "jfk_video.mov"])
+def test_real_files_decode_and_a_truncated_copy_names_itself(name, data_dir, tmp_path):
+    path = data_dir / "misc" / name
+    video = load_video(path, fps=5, size=112)
+    assert video.ndim == 4 and video.shape[0] >= 5 and min(video.shape[1:3]) == 112 and video.std() > 10
+    truncated = tmp_path / f"truncated-{name}"
+    truncated.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(VideoDecodeError, match=f"truncated-{name}"):
+        load_video(truncated)
