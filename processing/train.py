@@ -46,6 +46,7 @@ from processing.tasks.asr import set_decoder_prompt
 from processing.training import WallTimeBudget, WhisperMoETrainer, apply_training_mode
 
 TEXT_INPUT_TASKS = ("translation",)  # tasks that need the encoder's text front-end on a speech-to-text model
+POSE_INPUT_TASKS = ("video_to_text",)  # tasks that need its pose front-end (sign-language keypoints)
 AUDIO_INPUT_TASKS = ("asr",)  # tasks whose rows replayed audio can share a batch with
 # what the training record lists of the run's effective settings (recipe overlaid with flags)
 CARD_HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
@@ -63,9 +64,14 @@ def set_mixed_precision(model_args: ModelArguments, training_args: Seq2SeqTraini
         training_args.fp16 = not training_args.bf16
 
 
-def add_text_input(model, model_args: ModelArguments, tasks: list[str]) -> None:
-    """Give a speech-to-text model the text front-end its text-input tasks read (or a new depth for one it has)."""
-    if not set(tasks) & set(TEXT_INPUT_TASKS) or not isinstance(model, WhisperMoEForConditionalGeneration):
+def add_input_frontends(model, model_args: ModelArguments, tasks: list[str]) -> None:
+    """Give a speech-to-text model the text front-end its text-input tasks read (or a new depth for one it has)
+    and the pose front-end its sign-language tasks read."""
+    if not isinstance(model, WhisperMoEForConditionalGeneration):
+        return
+    if set(tasks) & set(POSE_INPUT_TASKS):
+        model.add_pose_frontend()
+    if not set(tasks) & set(TEXT_INPUT_TASKS):
         return
     if not model.config.text_frontend:  # the decoder's token embeddings, rescaled, and the encoder's positions
         model.add_text_frontend(text_encoder_layers=model_args.text_encoder_layers)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_mixed_precision(model_args, training_args)
     tasks = chosen_tasks(run.tasks, data_args)
     model, processor = load_model(model_args, data_args, run.recipe.get("tasks", tasks))
-    add_text_input(model, model_args, tasks)
+    add_input_frontends(model, model_args, tasks)
     model, frozen_rows = choose_trained(model, model_args, run.lifelong, training_args.seed)
     context = TaskContext(model, processor, data_args, model_args, training_args.seed, training_args.output_dir)
     callbacks = [WallTimeBudget(run.budget.max_train_minutes)] if run.budget.max_train_minutes else []

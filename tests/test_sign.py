@@ -1,0 +1,168 @@
+"""Sign language: keypoint selection and normalisation (pose.py), the encoder's pose front-end, fingerspelling data
+from the real letter clips of spoken-to-signed (processing/sign_data.py), training and the video-to-text pipeline."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, run_without_package, tiny_batch, tiny_moe
+
+from modeling_whisper_moe import WhisperMoEForConditionalGeneration
+from modeling_whisper_moe.pose import (
+    BODY_POINTS,
+    HAND_POINTS,
+    HOLISTIC_COMPONENTS,
+    POSE_KEYPOINTS,
+    normalize_pose,
+    pose_values,
+    read_pose,
+    select_keypoints,
+)
+from processing.sign_data import (
+    Augmentation,
+    FingerspellingDataset,
+    PoseCollator,
+    compose,
+    is_held_out,
+    lexicon_dir,
+    read_lexicon,
+    split_words,
+)
+
+HOLISTIC_POINTS = sum(count for _, count in HOLISTIC_COMPONENTS)  # 586
+
+
+@pytest.fixture(scope="module")
+def lexicon():
+    return read_lexicon("ase")
+
+
+def test_the_27_kept_points_are_body_and_both_hands():
+    frames = np.zeros((2, HOLISTIC_POINTS, 3), np.float32)
+    frames[..., 0] = np.arange(HOLISTIC_POINTS)  # x = the point's index
+    frames[..., 1] = 1.0
+    kept, visible = select_keypoints(frames)
+    left, right = 33 + 478, 33 + 478 + 21
+    expected = [*BODY_POINTS, *(left + i for i in HAND_POINTS), *(right + i for i in HAND_POINTS)]
+    assert kept.shape == (2, POSE_KEYPOINTS, 3) and kept[0, :, 0].tolist() == expected
+    assert visible.all()
+    confidence = np.ones((2, HOLISTIC_POINTS))
+    confidence[1, left : left + 21] = 0  # the left hand not found in frame 1
+    _, visible = select_keypoints(frames, confidence)
+    assert visible[0].all() and not visible[1, 7:17].any() and visible[1, 17:].all()
+
+
+def test_normalisation_removes_where_the_signer_stands_and_how_far(lexicon):
+    keypoints, visible = lexicon["b"]
+    moved = keypoints * 2.5 + np.array([40.0, -12.0, 3.0], np.float32)  # nearer the camera, elsewhere in the frame
+    torch.testing.assert_close(
+        normalize_pose(moved, visible), normalize_pose(keypoints, visible), rtol=1e-4, atol=1e-4
+    )
+    normalised = normalize_pose(keypoints, visible)
+    shoulders = normalised[:, 1, :2] - normalised[:, 2, :2]
+    assert np.median(np.linalg.norm(shoulders, axis=-1)) == pytest.approx(1.0, rel=1e-4)
+    assert np.all(normalised[~visible] == 0)
+    values = pose_values(keypoints, visible)
+    assert values.shape == (len(keypoints), POSE_KEYPOINTS, 4) and np.array_equal(values[..., 3], visible)
+
+
+def test_the_lexicon_reads_every_asl_letter_from_its_real_pose_files(lexicon):
+    assert sorted(lexicon) == [chr(code) for code in range(ord("a"), ord("z") + 1)]
+    for keypoints, visible in lexicon.values():
+        assert keypoints.shape[1:] == (POSE_KEYPOINTS, 3) and len(keypoints) >= 10
+        assert visible[:, 1:3].all()  # the shoulders are always seen
+        assert visible[:, 7:].any()  # a hand is
+    path = next((lexicon_dir() / "ase").glob("*.pose"))
+    from_bytes = read_pose(path.read_bytes())
+    from_path = read_pose(path)
+    assert np.array_equal(from_bytes[0], from_path[0]) and from_path[2] == 25.0
+
+
+def test_composed_words_vary_and_held_out_words_are_never_trained(lexicon):
+    plain, _ = compose("cab", lexicon, np.random.default_rng(0), None)
+    assert len(plain) == sum(len(lexicon[letter][0]) for letter in "cab")
+    first, _ = compose("cab", lexicon, np.random.default_rng(1), Augmentation())
+    again, _ = compose("cab", lexicon, np.random.default_rng(1), Augmentation())
+    other, _ = compose("cab", lexicon, np.random.default_rng(2), Augmentation())
+    assert np.array_equal(first, again) and (len(first) != len(other) or not np.allclose(first, other))
+    words = ["above", "cab", "hello", "zebra", "naïve", "x"]
+    train, held_out = split_words(words, set(lexicon))
+    assert "naïve" not in train + held_out  # letters the alphabet has no clip for
+    assert set(train).isdisjoint(held_out) and all(is_held_out(word) for word in held_out)
+    assert is_held_out("above") and not is_held_out("hello")  # the split is a fixed hash, the same everywhere
+
+
+def test_the_pose_front_end_ignores_padding_and_leaves_audio_alone(tmp_path):
+    model = tiny_moe()
+    batch = tiny_batch()
+    with torch.no_grad():
+        audio_before = model(**batch).logits
+    model.add_pose_frontend()
+    assert model.config.pose_frontend
+    values = torch.randn(2, 9, POSE_KEYPOINTS, 4)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    labels = torch.randint(4, 90, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, audio_before)
+        padded = model(pose_values=values, attention_mask=mask, labels=labels).logits[1]
+        alone = model(pose_values=values[1:, :6], labels=labels[1:]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded, info = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and reloaded.config.pose_frontend
+    with pytest.raises(ValueError, match="pose_values must be"):
+        model(pose_values=torch.randn(1, 4, 5, 4), labels=labels[:1])
+
+
+def test_fingerspelling_batches(lexicon, tiny_random_moe):
+    from modeling_whisper_moe import WhisperMoEProcessor
+
+    tokenizer = WhisperMoEProcessor.from_pretrained(tiny_random_moe).tokenizer
+    data = FingerspellingDataset(["cab", "hello"], lexicon, size=4, prompt=[7, 8], tokenizer=tokenizer, eos_id=9,
+                                 seed=0)  # fmt: skip
+    items = [data[i] for i in range(4)]
+    assert {item["word"] for item in items} <= {"cab", "hello"}
+    for item in items:
+        assert item["labels"][:2] == [7, 8] and item["labels"][-1] == 9
+        assert tokenizer.decode(item["labels"][2:-1]).strip() == item["word"]
+    batch = PoseCollator()(items)
+    frames = [len(item["pose_values"]) for item in items]
+    assert batch["pose_values"].shape == (4, max(frames), POSE_KEYPOINTS, 4)
+    assert batch["attention_mask"].sum(1).tolist() == frames
+
+
+SIGN_REMOTE_SCRIPT = """
+import numpy as np
+from transformers import pipeline
+
+folder, pose_file = sys.argv[1], sys.argv[2]
+signer = pipeline("video-to-text", model=folder, trust_remote_code=True)
+result = {"file": signer(pose_file, max_new_tokens=4)["text"],
+          "module": type(signer).__module__}
+try:
+    signer("/no/such/clip.mp4")
+except ValueError as error:
+    result["video_error"] = str(error)
+"""
+
+
+def test_the_train_script_learns_video_to_text_into_a_folder_the_pipeline_reads(tiny_random_moe, tmp_path):
+    """Two steps of the fingerspelling recipe on a tiny random model: the folder has the pose front-end and answers
+    `pipeline("video-to-text")` from its own code."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "train.py"),
+               str(REPO_ROOT / "configuration" / "recipes" / "fingerspelling-ase.json"),
+               "--model_name_or_path", str(tiny_random_moe), "--output_dir", str(out), "--max_steps", "2",
+               "--per_device_train_batch_size", "2", "--max_eval_samples", "2", "--save_strategy", "no",
+               "--generation_max_length", "8"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert WhisperMoEForConditionalGeneration.from_pretrained(out).config.pose_frontend
+    pose_file = next((lexicon_dir() / "ase").glob("*.pose"))
+    remote = run_without_package(SIGN_REMOTE_SCRIPT, out, pose_file, tmp_path=tmp_path)
+    assert remote["leaked"] == [] and remote["module"].startswith("transformers_modules")
+    assert isinstance(remote["file"], str)
+    assert "clip.mp4" in remote["video_error"] and ".pose" in remote["video_error"]
