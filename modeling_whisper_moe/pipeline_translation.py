@@ -38,7 +38,25 @@ def encode_target(tokenizer, text: str) -> list[int]:
     return tokenizer(TEXT_PREFIX + text.strip(), add_special_tokens=False).input_ids
 
 
-class WhisperMoETranslationPipeline(Pipeline):
+class FrontendPipeline(Pipeline):
+    """A text-output pipeline over one of the encoder's non-audio front-ends: it loads only the tokenizer, and a
+    model without that front-end (`frontend_field` false in its config) is refused, saying what to do."""
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+    frontend_field = "text_frontend"
+    refusal = "has no text front-end, so it cannot translate text; train one with text-translation-en-de.json"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not getattr(self.model.config, self.frontend_field, False):
+            name = self.model.config.name_or_path or "This model"
+            raise ValueError(f"{name} {self.refusal} (config.{self.frontend_field}=False).")
+
+
+class WhisperMoETranslationPipeline(FrontendPipeline):
     """Translate strings with a WhisperMoE whose config has `text_frontend=True`.
 
     Call with a string or a list of strings and `src_lang` / `tgt_lang` (codes such as "en", "de", or names such as
@@ -47,19 +65,10 @@ class WhisperMoETranslationPipeline(Pipeline):
     `[{"translation_text": ...}]` per string, like transformers' former translation pipeline.
     """
 
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not getattr(self.model.config, "text_frontend", False):
-            raise ValueError(
-                f"{self.model.config.name_or_path or 'This model'} has no text front-end "
-                "(config.text_frontend=False), so it cannot translate text; train one with "
-                "configuration/recipes/text-translation-en-de.json."
-            )
+    refusal = (
+        "has no text front-end, so it cannot translate text; train one with "
+        "configuration/recipes/text-translation-en-de.json"
+    )
 
     def __call__(self, inputs: str | list[str], **kwargs):
         results = super().__call__(inputs, **kwargs)

@@ -13,30 +13,20 @@ import os
 
 import numpy as np
 import torch
-from transformers import Pipeline
 
+from .pipeline_translation import FrontendPipeline
 from .pose import POSE_KEYPOINTS, pose_values, read_pose, select_keypoints
 
 OUTPUT_LANGUAGE = "en"
 MAX_NEW_TOKENS = 32  # a fingerspelled word or phrase; a looping model stops here
 
 
-class WhisperMoEVideoToTextPipeline(Pipeline):
+class WhisperMoEVideoToTextPipeline(FrontendPipeline):
     """Keypoints of a signer (a `.pose` file, its bytes, or arrays) -> `{"text": ...}`. Options: `max_new_tokens`,
     `num_beams`, or `generate_kwargs`."""
 
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not getattr(self.model.config, "pose_frontend", False):
-            raise ValueError(
-                f"{self.model.config.name_or_path or 'This model'} has no pose front-end (config.pose_frontend="
-                "False), so it cannot read sign language; train one with the video_to_text task."
-            )
+    frontend_field = "pose_frontend"
+    refusal = "has no pose front-end, so it cannot read sign language; train one with the video_to_text task"
 
     def _sanitize_parameters(self, max_new_tokens=None, num_beams=None, generate_kwargs=None, **kwargs):
         forward = dict(generate_kwargs or {})

@@ -166,3 +166,10 @@ def test_the_train_script_learns_video_to_text_into_a_folder_the_pipeline_reads(
     assert remote["leaked"] == [] and remote["module"].startswith("transformers_modules")
     assert isinstance(remote["file"], str)
     assert "clip.mp4" in remote["video_error"] and ".pose" in remote["video_error"]
+
+
+def test_the_video_to_text_pipeline_refuses_a_model_without_pose_front_end(tiny_random_moe):
+    from transformers import pipeline
+
+    with pytest.raises(ValueError, match="no pose front-end"):
+        pipeline("video-to-text", model=str(tiny_random_moe), trust_remote_code=True)
