@@ -297,7 +297,7 @@ import soundfile
 from transformers import pipeline
 
 data, folders = sys.argv[1], sys.argv[2:]
-clips = [data + "/librispeech/test-other/1688/142285/1688-142285-000" + str(i) + ".flac" for i in (0, 1)]
+clips = [data + "/librispeech/test-other/1688/142285/1688-142285-0001.flac"]
 audio = [dict(zip(("raw", "sampling_rate"), soundfile.read(clip, dtype="float32"))) for clip in clips]
 result = {}
 for folder in folders:
@@ -330,4 +330,4 @@ def test_add_ttt_cli_keeps_real_transcripts_through_the_remote_pipeline(
         assert remote[str(with_ttt)]["texts"] == remote[str(source)]["texts"]
         assert remote[str(with_ttt)]["module"].startswith("transformers_modules")
         assert remote[str(with_ttt)]["ttt"] == [kind] and remote[str(source)]["ttt"] == []
-    assert "Margaret said Mr. Hale" in remote[str(pairs[0][0])]["texts"][1]
+    assert "Margaret said Mr. Hale" in remote[str(pairs[0][0])]["texts"][0]
