@@ -14,6 +14,7 @@ expert gets from real tokens (padding left out):
 - speech recognition: `--speech` clips of `--manifest` (of its `--split` rows when given; English, decoder prompted
   to transcribe);
 - text translation (a folder with `config.text_frontend`): `--text` of the pairs `scripts/train.py` held out;
+- sign language (a folder with `config.pose_frontend`): `--signs` fingerspelled held-out words;
 - speech synthesis (a generalist folder, `WhisperMoEForSpeechAndText`): `--speak` held-out digit sequences spoken by
   the espeak-ng voices it was trained on, with their exact frame counts (needs espeak-ng).
 
@@ -33,9 +34,11 @@ from pathlib import Path
 import torch
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor
+from modeling_whisper_moe.generation_whisper_moe import text_decoder_prompt
 from modeling_whisper_moe.hub import atomic_directory
 from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAndText
 from processing.pruning import manifest_batches, phase_weight_shares, routing_counts
+from processing.sign_data import FingerspellingDataset, PoseCollator, read_lexicon, split_words, words_from_sentences
 from processing.text_data import (
     TextPairCollator,
     prepare_text_pairs,
@@ -77,6 +80,21 @@ def speech_output_batches(model, processor, folder: Path, limit: int):
                "speaker_embeddings": item["speaker_embeddings"][None]}  # fmt: skip
 
 
+def pose_batches(model, processor, folder: Path, limit: int, batch_size: int):
+    """Teacher-forced batches of fingerspelled held-out words (a folder with `config.pose_frontend`), composed from
+    the lexicon and word lists of its training record."""
+    data = json.loads((folder / "training_record.json").read_text(encoding="utf-8"))["data"]
+    lexicon = read_lexicon(data["signed_language"])
+    csvs = [path if Path(path).is_absolute() else REPO_ROOT / path for path in data["sign_words_csv"]]
+    _, held_out = split_words(words_from_sentences(csvs), set(lexicon))
+    prompt = text_decoder_prompt(model.generation_config, "en")[1:]
+    words = FingerspellingDataset(held_out, lexicon, limit, prompt, processor.tokenizer,
+                                  model.generation_config.eos_token_id, seed=0)  # fmt: skip
+    collate = PoseCollator()
+    for start in range(0, limit, batch_size):
+        yield collate([words[i] for i in range(start, min(start + batch_size, limit))])
+
+
 def shares(counts: dict[str, torch.Tensor]) -> dict[str, list[float] | None]:
     """Counts -> each block's expert shares (summing to 1), None for a block the task never reached."""
     return {block: (c / c.sum()).tolist() if c.sum() > 0 else None for block, c in counts.items()}
@@ -115,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--speech", type=int, default=16, help="clips of speech")
     parser.add_argument("--text", type=int, default=128, help="held-out text pairs (text front-end folders)")
     parser.add_argument("--speak", type=int, default=64, help="held-out digit sequences to speak (generalists)")
+    parser.add_argument("--signs", type=int, default=64, help="held-out fingerspelled words (pose front-end)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--untrained", action="store_true", help="score the architecture freshly initialised (no-training baseline)"
@@ -149,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
             real_frames_only=True)  # fmt: skip
     if model.config.text_frontend:
         tasks["text translation"] = lambda: text_batches(model, processor, folder, args.text, args.batch_size)
+    if model.config.pose_frontend:
+        tasks["sign language"] = lambda: pose_batches(model, processor, folder, args.signs, args.batch_size)
     if generalist:
         tasks["speech synthesis"] = lambda: speech_output_batches(model, processor, folder, args.speak)
     usage = {task: shares(routing_counts(model, batches())) for task, batches in tasks.items()}
@@ -171,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         print_phase_weights(phases)
     report = {"model": str(folder), "untrained": args.untrained, "manifest": args.manifest, "split": splits,
               "speech_clips": args.speech, "text_pairs": args.text,
-              "speech_synthesis_sequences": args.speak if generalist else 0, "shares": usage,
+              "speech_synthesis_sequences": args.speak if generalist else 0,
+              "sign_words": args.signs if model.config.pose_frontend else 0, "shares": usage,
               "total_variation": distances, "phase_weight_shares": phases}  # fmt: skip
     if args.output_json:
         output = Path(args.output_json)
