@@ -1,5 +1,5 @@
 """`whisper-moe` command line: convert CTranslate2 checkpoints, upcycle dense Whisper, grow experts, add TTT layers,
-prune, quantize, transcribe audio."""
+make a distillation student, prune, quantize, transcribe audio."""
 
 import argparse
 import json
@@ -157,6 +157,35 @@ def _add_ttt(args: argparse.Namespace) -> None:
           "until trained (the gates start closed)", file=sys.stderr)  # fmt: skip
 
 
+def _make_student(args: argparse.Namespace) -> None:
+    from modeling_whisper_moe.model_card import count_parameters
+    from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
+    from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
+    from processing.pruning import manifest_batches, routing_counts
+    from processing.student import make_student
+
+    source = Path(args.src)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+    teacher = WhisperMoEForConditionalGeneration.from_pretrained(source, dtype="float32").eval()
+    processor = WhisperMoEProcessor.from_pretrained(source)
+    usage = None
+    if args.dense_decoder == "busiest":
+        if not args.manifest:
+            raise ValueError(
+                "--dense-decoder busiest needs --manifest: audio whose routing says which expert is busiest"
+            )
+        usage = routing_counts(teacher, manifest_batches(Path(args.manifest), processor, args.limit, 8, split=None))
+    student = make_student(teacher, args.decoder_layers, args.dense_decoder, usage)
+    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
+        student.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    (teacher_total, _), (total, _) = count_parameters(teacher), count_parameters(student)
+    kind = f"dense ({args.dense_decoder})" if args.dense_decoder else "sparse"
+    print(f"Wrote {args.dst}: {args.decoder_layers} {kind} decoder layers of {teacher.config.decoder_layers}; "
+          f"{teacher_total / 1e6:.1f} M -> {total / 1e6:.1f} M parameters", file=sys.stderr)  # fmt: skip
+
+
 def _transcribe(args: argparse.Namespace) -> None:
     from transformers import pipeline
 
@@ -293,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     ttt.add_argument("--num-heads", type=int, default=None, help="TTT heads; the attention heads by default")
     ttt.add_argument("--seed", type=int, default=0)
     ttt.set_defaults(run=_add_ttt)
+
+    student = commands.add_parser("make-student", help="a Distil-Whisper student: the encoder, a few decoder layers")
+    student.add_argument("src", help="the teacher: a WhisperMoE folder")
+    student.add_argument("dst", help="output folder")
+    student.add_argument("--decoder-layers", type=int, default=2, help="decoder layers kept (first and last among)")
+    student.add_argument("--dense-decoder", choices=["average", "busiest"], help="merge each layer's experts into one")
+    student.add_argument("--manifest", help="CSV with path,text whose audio picks the busiest expert")
+    student.add_argument("--limit", type=int, default=64, help="clips of --manifest to route")
+    student.set_defaults(run=_make_student)
 
     prune = commands.add_parser("prune-experts", help="keep each sparse layer's most-used experts")
     prune.add_argument("src", help="a WhisperMoE folder")
