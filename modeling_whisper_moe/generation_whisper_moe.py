@@ -119,6 +119,10 @@ class WhisperMoEGenerationMixin:
         if input_ids is None and self.config.variable_length_audio:
             return self.generate_variable_length(input_features, *args, **kwargs)
         if input_ids is None:
+            if kwargs.get("assistant_model") is not None:
+                # assisted decoding takes `attention_mask` for the decoder's and grows it a token a step: the mel
+                # frames' mask (which 30 s windows do not need) would give the draft positions past 448
+                kwargs.pop("attention_mask", None)
             if input_features is not None and input_features.shape[-1] > self.config.max_source_positions * 2:
                 kwargs = long_form_options(kwargs.get("generation_config") or self.generation_config, kwargs)
             return super().generate(input_features, *args, **kwargs)

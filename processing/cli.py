@@ -193,6 +193,13 @@ def _transcribe(args: argparse.Namespace) -> None:
 
     asr = pipeline("automatic-speech-recognition", model=args.model, trust_remote_code=True, device=args.device)
     generate_kwargs = {"num_beams": args.num_beams}
+    if args.assistant:  # speculative decoding: the student drafts, the model checks; the output is the model's own
+        from transformers import AutoModelForSpeechSeq2Seq
+
+        if args.batch_size != 1 or args.num_beams != 1:
+            raise ValueError("--assistant decodes one file at a time, greedily: use --batch-size 1 --num-beams 1")
+        student = AutoModelForSpeechSeq2Seq.from_pretrained(args.assistant, trust_remote_code=True)
+        generate_kwargs["assistant_model"] = student.to(asr.model.device).eval()
     if args.language:
         generate_kwargs["language"] = args.language
     if args.task:
@@ -363,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--chunk-length-s", type=float, default=0, help="chunked long-form, e.g. 30 (0: off)")
     transcribe.add_argument("--batch-size", type=int, default=1)
     transcribe.add_argument("--num-beams", type=int, default=1)
+    transcribe.add_argument("--assistant", help="a student folder (make-student) for speculative decoding")
     transcribe.add_argument("--device", default=None, help="e.g. cpu, cuda:0")
     transcribe.add_argument("--json", action="store_true", help="one JSON object per file")
     transcribe.set_defaults(run=_transcribe)

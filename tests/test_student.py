@@ -74,3 +74,20 @@ def test_make_student_cli_writes_a_loadable_folder(tiny_random_moe, tmp_path):
     assert (out / "tokenizer_config.json").is_file()
     assert cli(["make-student", str(tiny_random_moe), str(tmp_path / "bad"), "--dense-decoder", "busiest"]) == 1
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_speculative_decoding_with_a_student_gives_the_teachers_transcripts(tiny_en_moe, data_dir, tmp_path, capsys):
+    """Real tiny.en 8x2 and a 2-layer student of it (not distilled: it drafts badly, which is the hard case): with
+    the student as assistant, `whisper-moe transcribe` prints exactly the teacher's greedy transcripts."""
+    from processing.cli import main as cli
+
+    student = tmp_path / "student"
+    assert cli(["make-student", str(tiny_en_moe), str(student), "--decoder-layers", "2"]) == 0
+    clips = [str(data_dir / "librispeech" / "test-other" / "1688" / "142285" / "1688-142285-0001.flac")]
+    capsys.readouterr()
+    assert cli(["transcribe", str(tiny_en_moe), *clips]) == 0
+    alone = capsys.readouterr().out
+    assert cli(["transcribe", str(tiny_en_moe), *clips, "--assistant", str(student)]) == 0
+    assert capsys.readouterr().out == alone and "Margaret said" in alone
+    assert cli(["transcribe", str(tiny_en_moe), clips[0], "--assistant", str(student), "--batch-size", "2"]) == 1
