@@ -1,6 +1,7 @@
 """Sign language: keypoint selection and normalisation (pose.py), the encoder's pose front-end, fingerspelling data
 from the real letter clips of spoken-to-signed (processing/sign_data.py), training and the video-to-text pipeline."""
 
+import json
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from modeling_whisper_moe.pose import (
     read_pose,
     select_keypoints,
 )
+from processing.evaluation.video_to_text import alignment, score
 from processing.sign_data import (
     Augmentation,
     FingerspellingDataset,
@@ -166,6 +168,25 @@ def test_the_train_script_learns_video_to_text_into_a_folder_the_pipeline_reads(
     assert remote["leaked"] == [] and remote["module"].startswith("transformers_modules")
     assert isinstance(remote["file"], str)
     assert "clip.mp4" in remote["video_error"] and ".pose" in remote["video_error"]
+    report = tmp_path / "sign.json"
+    evaluate = [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--tasks", "video_to_text", "--model",
+                str(out), "--sign_words", "3", "--output_json", str(report)]  # fmt: skip
+    proc = subprocess.run(evaluate, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    system = json.loads(report.read_text())["reports"]["video_to_text"]["systems"][0]
+    assert (
+        system["held_out_words"] == 3
+        and 0 <= system["cer"]
+        and all(is_held_out(e["word"]) for e in system["examples"])
+    )
+
+
+def test_letter_error_rates_and_confusions():
+    assert alignment("hello", "helo") == [("h", "h"), ("e", "e"), ("l", "<del>"), ("l", "l"), ("o", "o")]
+    assert alignment("cab", "xcab")[0] == ("<ins>", "x")
+    scored = score(["hello", "cab"], [" Hello.", "cob"])
+    assert scored["cer"] == pytest.approx(100 / 8) and scored["wer"] == 50.0
+    assert scored["confusion"]["a"] == {"o": 1} and scored["confusion"]["l"] == {"l": 2}
 
 
 def test_the_video_to_text_pipeline_refuses_a_model_without_pose_front_end(tiny_random_moe):

@@ -62,5 +62,6 @@ VIDEO_TO_TEXT = register_task(
         build_collator=build_collator,
         build_metrics=build_metrics,
         generation_kwargs=generation_kwargs,
+        evaluator_name="video_to_text",
     )  # fmt: skip
 )

@@ -1,0 +1,129 @@
+"""Sign language to text: character and word error rates on fingerspelled words no training run spelled, with the
+per-letter confusion matrix.
+
+The words are the held-out ones (`sign_data.is_held_out`) of the folder's training record's word lists, each
+composed once from the lexicon with this evaluation's own seed (other trims, speeds, transitions and camera than any
+training draw), and read through the folder's `video-to-text` pipeline, as a user's keypoints would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from processing.evaluation.common import Evaluator, ModelRef, add_flag, markdown_table
+from processing.sign_data import Augmentation, compose, read_lexicon, split_words, words_from_sentences
+from processing.tasks.video_to_text import letters_only
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DELETED, INSERTED = "<del>", "<ins>"
+EXAMPLES = 20  # hypotheses kept per system in the report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("video_to_text")
+    add_flag(group, "--sign_words", type=int, default=300, help="held-out words to spell (video_to_text)")
+    add_flag(group, "--sign_seed", type=int, default=1234, help="seed of their composition (video_to_text)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.sign_words < 1:
+        raise SystemExit(f"--sign_words must be at least 1, got {args.sign_words}")
+
+
+def alignment(reference: str, hypothesis: str) -> list[tuple[str, str]]:
+    """Levenshtein alignment as (reference letter or INSERTED, hypothesis letter or DELETED) pairs."""
+    rows, cols = len(reference) + 1, len(hypothesis) + 1
+    cost = np.zeros((rows, cols), dtype=int)
+    cost[:, 0], cost[0, :] = range(rows), range(cols)
+    for i in range(1, rows):
+        for j in range(1, cols):
+            cost[i, j] = min(cost[i - 1, j] + 1, cost[i, j - 1] + 1,
+                             cost[i - 1, j - 1] + (reference[i - 1] != hypothesis[j - 1]))  # fmt: skip
+    pairs, i, j = [], rows - 1, cols - 1
+    while i or j:
+        if i and j and cost[i, j] == cost[i - 1, j - 1] + (reference[i - 1] != hypothesis[j - 1]):
+            pairs.append((reference[i - 1], hypothesis[j - 1]))
+            i, j = i - 1, j - 1
+        elif i and cost[i, j] == cost[i - 1, j] + 1:
+            pairs.append((reference[i - 1], DELETED))
+            i -= 1
+        else:
+            pairs.append((INSERTED, hypothesis[j - 1]))
+            j -= 1
+    return pairs[::-1]
+
+
+def score(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """CER / WER in percent over letters, and the confusion counts {reference letter: {what was read: count}}."""
+    confusion: dict[str, Counter] = defaultdict(Counter)
+    errors = letters = 0
+    for reference, hypothesis in zip(references, hypotheses):
+        for truth, read in alignment(reference, letters_only(hypothesis)):
+            confusion[truth][read] += 1
+            errors += truth != read
+        letters += len(reference)
+    wrong_words = sum(reference != letters_only(hypothesis) for reference, hypothesis in zip(references, hypotheses))
+    return {"cer": 100 * errors / max(letters, 1), "wer": 100 * wrong_words / max(len(references), 1),
+            "confusion": {truth: dict(counts) for truth, counts in sorted(confusion.items())}}  # fmt: skip
+
+
+def held_out_words(model: ModelRef, args: argparse.Namespace) -> tuple[list[str], dict]:
+    record = model.training_record() or {}
+    data = record.get("data") or {}
+    if not data.get("sign_words_csv"):
+        raise SystemExit(f"{model.path}: its training record names no sign_words_csv (not a video_to_text folder)")
+    lexicon = read_lexicon(data.get("signed_language", "ase"))
+    csvs = [path if Path(path).is_absolute() else REPO_ROOT / path for path in data["sign_words_csv"]]
+    _, held_out = split_words(words_from_sentences(csvs), set(lexicon))
+    rng = np.random.default_rng(args.sign_seed)
+    return [
+        held_out[i] for i in rng.choice(len(held_out), min(args.sign_words, len(held_out)), replace=False)
+    ], lexicon
+
+
+def evaluate(models: Sequence[ModelRef], args: argparse.Namespace) -> dict:
+    from transformers import pipeline
+
+    report = {"words": args.sign_words, "seed": args.sign_seed, "systems": []}
+    for model in models:
+        words, lexicon = held_out_words(model, args)
+        signer = pipeline("video-to-text", model=model.path, trust_remote_code=True)
+        start, hypotheses = time.perf_counter(), []
+        for index, word in enumerate(words):
+            keypoints, visible = compose(word, lexicon, np.random.default_rng([args.sign_seed, index]), Augmentation())
+            hypotheses.append(signer({"keypoints": keypoints, "visible": visible})["text"])
+        seconds = time.perf_counter() - start
+        examples = [{"word": w, "read": h} for w, h in zip(words[:EXAMPLES], hypotheses[:EXAMPLES])]
+        report["systems"].append({"name": model.name, **score(words, hypotheses), "seconds": round(seconds, 1),
+                                  "held_out_words": len(words), "examples": examples})  # fmt: skip
+    return report
+
+
+def markdown(report: dict) -> str:
+    header = ["system", "CER %", "word error %", "words", "seconds"]
+    rows = [[s["name"], f"{s['cer']:.2f}", f"{s['wer']:.2f}", s["held_out_words"], s["seconds"]]
+            for s in report["systems"]]  # fmt: skip
+    lines = [markdown_table(header, rows)]
+    for system in report["systems"]:
+        confused = sorted(((count, truth, read) for truth, reads in system["confusion"].items()
+                           for read, count in reads.items() if truth != read), reverse=True)[:10]  # fmt: skip
+        pairs = ", ".join(f"{truth}->{read} {count}" for count, truth, read in confused) or "none"
+        lines.append(f"\n{system['name']}: most frequent confusions (letter -> read as): {pairs}")
+    return "\n".join(lines)
+
+
+EVALUATOR = Evaluator(
+    name="video_to_text",
+    trained_task="video_to_text",
+    description="CER / word error and the letter confusions on held-out fingerspelled words",
+    add_arguments=add_arguments,
+    check=check_args,
+    evaluate=evaluate,
+    markdown=markdown,
+)
