@@ -249,16 +249,22 @@ class TTTBase(nn.Module):
         targets = self._heads(self.v_proj(hidden_states)) - keys
         gate = torch.einsum("blc,hc->bhl", hidden_states, self.learnable_ttt_lr_weight[:, 0])
         rates = self.ttt_base_lr * torch.sigmoid(gate + self.learnable_ttt_lr_bias) / self.head_dim  # (b, h, l)
-        outputs, start = [], 0
-        while start < length:
-            offset = state.seen % self.mini_batch_size
-            size = min(length - start, self.mini_batch_size - offset) if self.causal else self.mini_batch_size
-            chunk = slice(start, min(start + size, length))
-            outputs.append(self._read_chunk(state, queries[:, :, chunk], keys[:, :, chunk], targets[:, :, chunk],
-                                            rates[:, :, chunk], offset))  # fmt: skip
-            start = chunk.stop
+        sizes = self._chunk_sizes(state.seen, length)
+        # one split, not a slice per chunk: a slice's backward writes a zero gradient the size of the whole sequence
+        pieces = zip(*(tensor.split(sizes, dim=2) for tensor in (queries, keys, targets, rates)))
+        outputs = [self._read_chunk(state, *piece, state.seen % self.mini_batch_size) for piece in pieces]
         output = torch.cat(outputs, dim=2).transpose(1, 2).reshape(batch, length, self.hidden_size)
         return self.o_proj(self.post_norm(output))
+
+    def _chunk_sizes(self, seen: int, length: int) -> list[int]:
+        """Lengths of the chunks `length` tokens after `seen` fall into: each ends at a mini-batch boundary (causal,
+        so a cached state resumes mid-mini-batch) or is a whole mini-batch from the start (bidirectional)."""
+        sizes = []
+        while length > 0:
+            offset = (seen % self.mini_batch_size) if self.causal else 0
+            sizes.append(min(length, self.mini_batch_size - offset))
+            seen, length = seen + sizes[-1], length - sizes[-1]
+        return sizes
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         """(batch, seq_len, hidden) -> (batch, heads, seq_len, head_dim)."""
