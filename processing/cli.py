@@ -27,6 +27,22 @@ def _convert_ct2(args: argparse.Namespace) -> None:
     print(f"Wrote {destination}", file=sys.stderr)
 
 
+def _model_folder(path: str) -> Path:
+    """`path` as a folder, once it is known to hold a saved model."""
+    source = Path(path)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+    return source
+
+
+def _save_folder(model, processor, destination: str) -> None:
+    """Model and processor (when there is one) into `destination`, which appears complete or not at all."""
+    with atomic_directory(destination) as staging:
+        model.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
+
+
 def _layer_list(text: str | None) -> list[int] | None:
     if text is None or text == "all":
         return None
@@ -88,9 +104,7 @@ def _upcycle(args: argparse.Namespace) -> None:
     dense = WhisperForConditionalGeneration.from_pretrained(source)
     model = WhisperMoEForConditionalGeneration.from_dense(dense, seed=args.seed, **options)
     processor = WhisperMoEProcessor.from_pretrained(source)
-    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    _save_folder(model, processor, args.dst)
     total, active = count_parameters(model)
     print(f"Wrote {args.dst}: {total / 1e6:.1f} M parameters, {active / 1e6:.1f} M active per token", file=sys.stderr)
 
@@ -100,9 +114,7 @@ def _add_experts(args: argparse.Namespace) -> None:
     from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
     from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
 
-    source = Path(args.src)
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+    source = _model_folder(args.src)
     model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != WhisperMoEConfig.model_type:  # dense Whisper: upcycle first (its layers may stay dense)
         raise ValueError(f"{source} holds a {model_type!r} model; run `whisper-moe upcycle` on it first.")
@@ -113,9 +125,7 @@ def _add_experts(args: argparse.Namespace) -> None:
     model.add_experts(args.num_new, args.num_experts_per_tok, args.encoder_layers, args.decoder_layers, args.init,
                       args.seed)  # fmt: skip
     processor = WhisperMoEProcessor.from_pretrained(source)
-    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    _save_folder(model, processor, args.dst)
     phase = model.config.expert_growth[-1]
     total, active = count_parameters(model)
     print(f"Wrote {args.dst}: growth phase {len(model.config.expert_growth)} added {args.num_new} experts (top-"
@@ -131,9 +141,7 @@ def _add_ttt(args: argparse.Namespace) -> None:
     from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
     from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
 
-    source = Path(args.src)
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+    source = _model_folder(args.src)
     model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type == WhisperMoEConfig.model_type:
         model = WhisperMoEForConditionalGeneration.from_pretrained(source, dtype="float32")
@@ -147,9 +155,7 @@ def _add_ttt(args: argparse.Namespace) -> None:
     model.add_ttt(args.encoder_layers, args.decoder_layers, args.type, args.mini_batch_size, args.base_lr,
                   args.num_heads, args.seed)  # fmt: skip
     processor = WhisperMoEProcessor.from_pretrained(source)
-    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    _save_folder(model, processor, args.dst)
     total, _ = count_parameters(model)
     config = model.config
     print(f"Wrote {args.dst}: TTT-{config.ttt_type} in encoder layers {config.encoder_ttt_layers} and decoder layers "
@@ -164,9 +170,7 @@ def _make_student(args: argparse.Namespace) -> None:
     from processing.pruning import manifest_batches, routing_counts
     from processing.student import make_student
 
-    source = Path(args.src)
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+    source = _model_folder(args.src)
     teacher = WhisperMoEForConditionalGeneration.from_pretrained(source, dtype="float32").eval()
     processor = WhisperMoEProcessor.from_pretrained(source)
     usage = None
@@ -177,9 +181,7 @@ def _make_student(args: argparse.Namespace) -> None:
             )
         usage = routing_counts(teacher, manifest_batches(Path(args.manifest), processor, args.limit, 8, split=None))
     student = make_student(teacher, args.decoder_layers, args.dense_decoder, usage)
-    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
-        student.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    _save_folder(student, processor, args.dst)
     (teacher_total, _), (total, _) = count_parameters(teacher), count_parameters(student)
     kind = f"dense ({args.dense_decoder})" if args.dense_decoder else "sparse"
     print(f"Wrote {args.dst}: {args.decoder_layers} {kind} decoder layers of {teacher.config.decoder_layers}; "
@@ -239,9 +241,7 @@ def _prune_experts(args: argparse.Namespace) -> None:
     print(f"Counting expert choices on {args.limit} rows of {manifest} ...", file=sys.stderr)
     counts = routing_counts(model, manifest_batches(manifest, processor, args.limit, args.batch_size, args.split))
     prune_experts(model, counts, args.keep)
-    with atomic_directory(args.dst) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    _save_folder(model, processor, args.dst)
     print(f"Wrote {args.dst}: {args.keep} experts per sparse layer", file=sys.stderr)
 
 
@@ -251,11 +251,9 @@ def _quantize(args: argparse.Namespace) -> None:
     from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
     from modeling_whisper_moe.quantization import int8_tensor_bytes, quantize_model
 
-    source = Path(args.src)
     if args.dtype not in QUANTIZATION_DTYPES:
         raise ValueError(f"--dtype {args.dtype!r} is not supported; choose one of {QUANTIZATION_DTYPES}.")
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+    source = _model_folder(args.src)
     model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != WhisperMoEConfig.model_type:
         raise ValueError(f"{source} holds a {model_type!r} model, not {WhisperMoEConfig.model_type!r}.")
@@ -267,10 +265,7 @@ def _quantize(args: argparse.Namespace) -> None:
     quantize_model(model)
     has_processor = any((source / name).is_file() for name in PROCESSOR_FILES)
     processor = WhisperMoEProcessor.from_pretrained(source) if has_processor else None
-    with atomic_directory(args.dst) as staging:  # the folder appears complete or not at all
-        model.save_pretrained(staging)
-        if processor is not None:
-            processor.save_pretrained(staging)
+    _save_folder(model, processor, args.dst)
     int8_bytes, other_bytes = int8_tensor_bytes(model)
     print(
         f"Wrote {args.dst}: {int8_bytes / 1e6:.1f} MB int8 weights, {other_bytes / 1e6:.1f} MB float", file=sys.stderr
