@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .pipeline_translation import FrontendPipeline
-from .pose import POSE_KEYPOINTS, pose_values, read_pose, select_keypoints
+from .pose import POSE_KEYPOINTS, pose_values, read_pose, read_spelling, select_keypoints
 
 OUTPUT_LANGUAGE = "en"
 MAX_NEW_TOKENS = 32  # a fingerspelled word or phrase; a looping model stops here
@@ -50,7 +50,7 @@ class WhisperMoEVideoToTextPipeline(FrontendPipeline):
 
     def postprocess(self, model_outputs: dict) -> dict:
         text = self.tokenizer.decode(model_outputs["tokens"][0], skip_special_tokens=True)
-        return {"text": text.strip()}
+        return {"text": read_spelling(text)}
 
 
 def _keypoints(inputs) -> tuple[np.ndarray, np.ndarray]:

@@ -118,6 +118,17 @@ def pose_values(keypoints: np.ndarray, visible: np.ndarray) -> np.ndarray:
     return np.concatenate([normalize_pose(keypoints, visible), visible[..., None].astype(np.float32)], axis=-1)
 
 
+def spell(word: str) -> str:
+    """A fingerspelled word as the decoder writes it: one letter per token ("hello" -> "h e l l o"), so each letter
+    clip the encoder reads lines up with one output token."""
+    return " ".join(word.strip())
+
+
+def read_spelling(text: str) -> str:
+    """The decoder's letters joined back into words ("h e l l o" -> "hello"; a double space separates words)."""
+    return " ".join(part.replace(" ", "") for part in text.strip().split("  "))
+
+
 def add_pose_frontend(model: nn.Module) -> nn.Module:
     """Give a WhisperMoE's encoder a pose front-end (new weights) and set `config.pose_frontend`; in place. Audio and
     text inputs are untouched."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX
-from modeling_whisper_moe.pose import pose_values, read_pose
+from modeling_whisper_moe.pose import pose_values, read_pose, spell
 
 LEXICON_PACKAGE = "spoken_to_signed"
 WORD_PATTERN = re.compile(r"^[a-z]{2,12}$")  # words a fingerspelling alphabet of 26 letters spells
@@ -148,7 +148,8 @@ def _camera_and_tracker(keypoints, visible, rng, augment: Augmentation):
 
 class FingerspellingDataset(torch.utils.data.Dataset):
     """`size` fingerspelled words drawn from `words` (item i: seeded by `seed` and i, so an epoch is reproducible),
-    as `pose_values` (frames, 27, 4) and decoder `labels` (the prompt, the word's tokens, end of text)."""
+    as `pose_values` (frames, 27, 4) and decoder `labels` (the prompt, the word's letters one token each
+    (`pose.spell`), end of text)."""
 
     def __init__(self, words: Sequence[str], lexicon: dict, size: int, prompt: list[int], tokenizer, eos_id: int,
                  seed: int, augment: Augmentation | None = Augmentation()):  # fmt: skip
@@ -167,7 +168,7 @@ class FingerspellingDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index, 1])
         word = self.word(index)
         keypoints, visible = compose(word, self.lexicon, rng, self.augment)
-        tokens = self.tokenizer.encode(" " + word, add_special_tokens=False)
+        tokens = self.tokenizer.encode(" " + spell(word), add_special_tokens=False)
         return {"pose_values": pose_values(keypoints, visible), "labels": [*self.prompt, *tokens, self.eos_id],
                 "word": word}  # fmt: skip
 

@@ -19,7 +19,9 @@ from modeling_whisper_moe.pose import (
     normalize_pose,
     pose_values,
     read_pose,
+    read_spelling,
     select_keypoints,
+    spell,
 )
 from processing.evaluation.video_to_text import alignment, score
 from processing.sign_data import (
@@ -129,7 +131,8 @@ def test_fingerspelling_batches(lexicon, tiny_random_moe):
     assert {item["word"] for item in items} <= {"cab", "hello"}
     for item in items:
         assert item["labels"][:2] == [7, 8] and item["labels"][-1] == 9
-        assert tokenizer.decode(item["labels"][2:-1]).strip() == item["word"]
+        assert tokenizer.decode(item["labels"][2:-1]).strip() == " ".join(item["word"])  # a token per letter
+        assert len(item["labels"]) == 3 + len(item["word"])
     batch = PoseCollator()(items)
     frames = [len(item["pose_values"]) for item in items]
     assert batch["pose_values"].shape == (4, max(frames), POSE_KEYPOINTS, 4)
@@ -179,6 +182,11 @@ def test_the_train_script_learns_video_to_text_into_a_folder_the_pipeline_reads(
         and 0 <= system["cer"]
         and all(is_held_out(e["word"]) for e in system["examples"])
     )
+
+
+def test_spelled_letters_read_back_as_words():
+    assert spell("hello") == "h e l l o"
+    assert read_spelling(" h e l l o  w o r l d") == "hello world"
 
 
 def test_letter_error_rates_and_confusions():

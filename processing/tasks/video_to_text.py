@@ -2,7 +2,8 @@
 
 Training words are spelled from a lexicon's real letter clips (processing/sign_data.py) and drawn on the fly; the
 evaluation spells held-out words (a hash of the word, `sign_data.is_held_out`) with other draws of the augmentation.
-The model writes the word in lower case after the prompt `<|en|><|transcribe|><|notimestamps|>`; the metrics are the
+The model writes the word letter by letter (`pose.spell`: one token per letter clip) after the prompt
+`<|en|><|transcribe|><|notimestamps|>`; the pipeline joins the letters back (`pose.read_spelling`). The metrics are the
 character and word error rates over letters.
 """
 
