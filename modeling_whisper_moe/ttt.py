@@ -28,7 +28,7 @@ The parameter names and shapes are the reference implementation's (test-time-tra
 its state dicts load as they are.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,19 +51,18 @@ class TTTState:
 
     params: the inner weights at the last mini-batch boundary, by name ("W1": (batch, heads, d_in, d_out), "b1":
     (batch, heads, 1, d_out), ...); grads: the rate-weighted gradients sum_j lr_j grad l_j accumulated by the tokens
-    read so far in the current mini-batch, same shapes; seen: tokens read so far.
+    read so far in the current mini-batch, same shapes (empty at a mini-batch boundary); seen: tokens read so far.
     """
 
     params: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor]
     seen: int = 0
-    _empty: bool = field(default=True, repr=False)  # no gradient accumulated: the carry terms can be skipped
 
     def select(self, index: torch.Tensor) -> "TTTState":
         """The state of the batch rows `index` (beam search reorders and repeats rows)."""
         pick = {name: tensor.index_select(0, index) for name, tensor in self.params.items()}
         grads = {name: tensor.index_select(0, index) for name, tensor in self.grads.items()}
-        return TTTState(pick, grads, self.seen, self._empty)
+        return TTTState(pick, grads, self.seen)
 
 
 def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, theta: float = ROPE_THETA) -> torch.Tensor:
@@ -219,8 +218,7 @@ class TTTBase(nn.Module):
     def initial_state(self, batch_size: int) -> TTTState:
         """The state before the first token: the learnt inner weights, repeated per row, and no gradient."""
         params = {name: getattr(self, name).unsqueeze(0).expand(batch_size, -1, -1, -1) for name in self.inner_names}
-        grads = {name: torch.zeros_like(tensor) for name, tensor in params.items()}
-        return TTTState(params, grads, 0)
+        return TTTState(params, {}, 0)
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -280,15 +278,14 @@ class TTTBase(nn.Module):
         else:  # every token of the mini-batch takes its whole gradient, at one rate
             scale = torch.full((size,), 1.0 / size, dtype=queries.dtype, device=queries.device)
             mix = (rates / size)[..., None, :].expand(-1, -1, size, -1)
-        carry = None if state._empty else state.grads
+        carry = state.grads or None  # none accumulated yet: the carry terms are skipped
         inner, accumulated = self.inner_chunk(state.params, carry, queries, keys, targets, rates, scale, mix)
         state.seen += size
         if not self.causal or state.seen % self.mini_batch_size == 0:  # the mini-batch is complete: take its step
             state.params = {name: state.params[name] - scale[-1] * accumulated[name] for name in self.inner_names}
-            state.grads = {name: torch.zeros_like(tensor) for name, tensor in state.params.items()}
-            state._empty = True
+            state.grads = {}
         else:
-            state.grads, state._empty = accumulated, False
+            state.grads = accumulated
         norm_weight, norm_bias = self.ttt_norm_weight[:, None], self.ttt_norm_bias[:, None]
         return queries + head_layer_norm(inner, norm_weight, norm_bias)
 
