@@ -68,9 +68,10 @@ def select_keypoints(
         confidence = None if confidence is None else np.asarray(confidence)[:, 0]
     if points.ndim != 3 or points.shape[-1] < POSE_DIMS:
         raise ValueError(f"expected keypoints of shape (frames, points, 3), got {points.shape}")
-    kept = points[:, holistic_indices(components), :POSE_DIMS]
+    indices = holistic_indices(components)
+    kept = points[:, indices, :POSE_DIMS]
     if confidence is not None:
-        visible = np.asarray(confidence)[:, holistic_indices(components)] > 0
+        visible = np.asarray(confidence)[:, indices] > 0
     else:
         visible = np.abs(kept).sum(-1) > 0
     return kept, visible & np.isfinite(kept).all(-1)

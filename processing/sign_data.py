@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX
-from modeling_whisper_moe.pose import pose_values, read_pose, spell
+from modeling_whisper_moe.pose import BODY_POINTS, LEFT_SHOULDER, RIGHT_SHOULDER, pose_values, read_pose, spell
 
 LEXICON_PACKAGE = "spoken_to_signed"
 WORD_PATTERN = re.compile(r"^[a-z]{2,12}$")  # words a fingerspelling alphabet of 26 letters spells
@@ -137,12 +137,13 @@ def _camera_and_tracker(keypoints, visible, rng, augment: Augmentation):
     centre = keypoints[visible].mean(0) if visible.any() else np.zeros(3)
     moved = keypoints - centre
     moved[..., :2] = moved[..., :2] @ (rotation @ stretch).T
-    shoulders = np.linalg.norm(keypoints[:, 1, :2] - keypoints[:, 2, :2], axis=-1)
-    scale = float(np.median(shoulders[visible[:, 1] & visible[:, 2]])) if (visible[:, 1] & visible[:, 2]).any() else 1
+    seen = visible[:, LEFT_SHOULDER] & visible[:, RIGHT_SHOULDER]
+    shoulders = np.linalg.norm(keypoints[:, LEFT_SHOULDER, :2] - keypoints[:, RIGHT_SHOULDER, :2], axis=-1)
+    scale = float(np.median(shoulders[seen])) if seen.any() else 1.0  # the unit normalize_pose divides by
     moved = moved + rng.normal(0, augment.jitter * scale, moved.shape)
     lost = rng.random(visible.shape[0]) < augment.dropout  # frames whose hands the tracker lost
     visible = visible.copy()
-    visible[lost, 7:] = False
+    visible[lost, len(BODY_POINTS) :] = False  # the hands' points
     return moved + centre, visible
 
 

@@ -12,7 +12,7 @@ from processing.student import make_student, student_decoder_layers
 def test_the_kept_layers_are_evenly_spaced_with_the_first_and_last():
     assert student_decoder_layers(32, 2) == [0, 31]  # distil-large-v2's choice
     assert student_decoder_layers(4, 2) == [0, 3]
-    assert student_decoder_layers(6, 3) == [0, 2, 5] or student_decoder_layers(6, 3) == [0, 3, 5]
+    assert student_decoder_layers(6, 3) == [0, 2, 5]  # 2.5 rounds to even
     assert student_decoder_layers(4, 4) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="1 to 4"):
         student_decoder_layers(4, 5)
