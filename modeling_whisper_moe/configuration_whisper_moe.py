@@ -8,6 +8,9 @@ QUANTIZATION_DTYPES = ("int8",)  # what `whisper-moe quantize --dtype` writes
 QUANTIZATION_KEYS = frozenset({"dtype", "float_embeddings"})  # what a `quantization` dict may hold
 GROWTH_KEYS = frozenset({"num_experts", "num_experts_per_tok", "encoder_layers", "decoder_layers"})  # one phase
 GROWTH_PEER_KEY = "peer"  # a phase may also add a PEER block (peer.py) to its layers
+GROWTH_MODALITIES_KEY = "modalities"  # a phase may serve only some input modalities
+GROWTH_OPTIONAL_KEYS = frozenset({GROWTH_PEER_KEY, GROWTH_MODALITIES_KEY})
+INPUT_MODALITIES = ("speech", "text", "pose")  # what the encoder reads: log-mel audio, token ids, sign keypoints
 TTT_TYPES = ("linear", "mlp")  # TTT-Linear, TTT-MLP (ttt.py)
 PEER_KEYS = frozenset({"num_keys", "num_heads", "num_experts_per_head", "key_dim"})  # a phase's "peer" entry
 
@@ -117,6 +120,10 @@ class WhisperMoEConfig(WhisperConfig):
         which every token uses h * k, found by product keys over queries of width c (even: two halves); its up
         vectors start at zero, so growing it is exact too. A phase that adds only a PEER block has `num_experts` and
         `num_experts_per_tok` 0, and its layers may be dense.
+        A phase may also hold `"modalities": [...]`, a subset of "speech", "text", "pose": its experts and PEER
+        blocks then serve only inputs of those modalities (the encoder's input decides, for the encoder and the
+        decoder alike) and stay silent for the others, so a phase that learns a text task cannot change what the
+        model does with speech, however far it trains: modality experts. Without the key a phase serves every input.
 
     Test-Time-Training sub-layers (see ttt.py), off unless layers are listed:
 
@@ -311,11 +318,12 @@ class WhisperMoEConfig(WhisperConfig):
     def check_growth(self) -> None:
         """Raise `ValueError` naming the offending value unless every `expert_growth` phase can work."""
         for phase in self.expert_growth or ():
-            if not isinstance(phase, dict) or set(phase) - {GROWTH_PEER_KEY} != GROWTH_KEYS:
+            if not isinstance(phase, dict) or set(phase) - GROWTH_OPTIONAL_KEYS != GROWTH_KEYS:
                 raise ValueError(
                     f"each expert_growth phase must have exactly the keys {sorted(GROWTH_KEYS)} (and optionally "
-                    f"{GROWTH_PEER_KEY!r}), got {phase!r}."
+                    f"{sorted(GROWTH_OPTIONAL_KEYS)}), got {phase!r}."
                 )
+            self._check_growth_modalities(phase)
             peer_only = GROWTH_PEER_KEY in phase and phase["num_experts"] == phase["num_experts_per_tok"] == 0
             if not peer_only and (
                 phase["num_experts"] < 1 or not 1 <= phase["num_experts_per_tok"] <= phase["num_experts"]
@@ -335,6 +343,29 @@ class WhisperMoEConfig(WhisperConfig):
                         f"0..{num_layers - 1}."
                     )
                 self._check_growth_of_dense_layers(side, phase[f"{side}_layers"])
+
+    @staticmethod
+    def _check_growth_modalities(phase: dict) -> None:
+        modalities = phase.get(GROWTH_MODALITIES_KEY)
+        if modalities is None:
+            return
+        if not isinstance(modalities, list) or not modalities or set(modalities) - set(INPUT_MODALITIES):
+            raise ValueError(
+                f"an expert_growth phase's modalities must be a non-empty list drawn from {INPUT_MODALITIES}, "
+                f"got {modalities!r}."
+            )
+
+    @property
+    def modality_growth(self) -> bool:
+        """Whether some growth phase serves only some input modalities."""
+        return any(GROWTH_MODALITIES_KEY in phase for phase in self.expert_growth or ())
+
+    def growth_modalities(self, phase: int) -> tuple[str, ...] | None:
+        """The input modalities growth phase `phase` serves; None when it serves every input (or is not recorded:
+        a block built on its own)."""
+        phases = self.expert_growth or []
+        modalities = phases[phase].get(GROWTH_MODALITIES_KEY) if phase < len(phases) else None
+        return None if modalities is None else tuple(modalities)
 
     def _check_growth_of_dense_layers(self, side: str, grown: list[int]) -> None:
         # a dense layer that grows keeps its block as one full-width expert, which cannot be stacked with experts

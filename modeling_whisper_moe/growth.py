@@ -23,12 +23,14 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.utils.output_capturing import install_output_capuring_hook
 
-from .configuration_whisper_moe import GROWTH_PEER_KEY, WhisperMoEConfig
+from .configuration_whisper_moe import GROWTH_MODALITIES_KEY, GROWTH_PEER_KEY, WhisperMoEConfig
 from .modeling_whisper_moe import WhisperMoEMLP, WhisperMoERouter, WhisperMoESparseBlock
 from .peer import PEER
 
 GROWTH_INITS = ("copy", "random")
+ROUTER_LOGITS = "router_logits"  # the output the encoder and decoder record from every router
 SIDES = ("encoder", "decoder")
 
 
@@ -41,13 +43,16 @@ def grow_experts(
     init: str = "copy",
     seed: int = 0,
     peer: dict | None = None,
+    modalities: Sequence[str] | None = None,
 ) -> nn.Module:
     """Append `num_new` experts, routed top-`num_experts_per_tok` among themselves, to the chosen layers; in place.
 
     `encoder_layers` / `decoder_layers`: layer indices to grow; `None` grows every layer that is sparse already on
     that side, `[]` none. Naming a dense layer makes it sparse. `peer` (a "peer" entry of
     `WhisperMoEConfig.expert_growth`) also gives each of those layers a PEER block, in the same phase; with it
-    `num_new` may be 0 (a PEER-only phase, `grow_peer`). Returns `model`, whose outputs are unchanged.
+    `num_new` may be 0 (a PEER-only phase, `grow_peer`). `modalities` (e.g. ["text"]) restricts the phase to inputs
+    of those modalities: for the others the model stays what it was, whatever the phase learns. Returns `model`,
+    whose outputs are unchanged.
     """
     config: WhisperMoEConfig = model.config
     if config.quantization is not None:
@@ -68,6 +73,8 @@ def grow_experts(
     }
     if peer is not None:
         phase[GROWTH_PEER_KEY] = dict(peer)
+    if modalities is not None:
+        phase[GROWTH_MODALITIES_KEY] = list(modalities)
     if not phase["encoder_layers"] and not phase["decoder_layers"]:
         raise ValueError("grow_experts was given no layer to grow (the model has no sparse layer; name some).")
     previous, config.expert_growth = config.expert_growth, [*(config.expert_growth or []), phase]
@@ -85,6 +92,11 @@ def grow_experts(
                 layers[idx].mlp = _grown_block(layers[idx].mlp, config, ffn_dim, groups, phases, init, generator)
             if peer is not None:
                 layers[idx].peers.append(_grown_peer(layers[idx].mlp, config, peer, generator))
+        if num_new and getattr(_stack(model, side), "_output_capturing_hooks_installed", False):
+            # a model that already ran has its router-logit hooks on the old routers only (transformers installs
+            # them once): without these the grown layers' logits would be missing and the router losses misaligned
+            for idx in chosen[side]:
+                install_output_capuring_hook(layers[idx].mlp.router, ROUTER_LOGITS, index=0)
     return model
 
 

@@ -7,6 +7,8 @@ upcycling.py.
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -176,7 +178,9 @@ class WhisperMoERouter(nn.Module):
     experts to each token, weighted by their softmax probabilities over the group's experts and a learned null
     logit, so the weights of a grown group can sum to nearly 0 (the null expert computes nothing).
     `phases` gives the growth phase of each grown group. Groups of phases at or after `routed_phases` (when set) do
-    not route: with `routed_phases = p` the block computes what it did before phase p.
+    not route: with `routed_phases = p` the block computes what it did before phase p. Nor do groups of phases that
+    serve other input modalities than `input_modality` (set by `routing_modality` for each forward pass; None
+    = unknown, every group routes); their logits come back detached, so no loss trains them on inputs they skip.
     """
 
     def __init__(
@@ -198,6 +202,8 @@ class WhisperMoERouter(nn.Module):
         if len(self.groups) > 1:
             self.null_logits = nn.Parameter(torch.zeros(len(self.groups) - 1))  # one per grown group
         self.routed_phases: int | None = None
+        self.group_modalities = [config.growth_modalities(phase) for phase in self.phases]
+        self.input_modality: str | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden_states: (tokens, d_model) -> logits (tokens, E [+ one null column per grown group]),
@@ -216,23 +222,68 @@ class WhisperMoERouter(nn.Module):
             return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
         null_logits = self.null_logits.to(router_logits.dtype).expand(router_logits.shape[0], -1)  # (tokens, G)
         top_k_weights, top_k_index = self._route_grown_groups(router_logits, null_logits, top_k_weights, top_k_index)
-        return torch.cat([router_logits, null_logits], dim=-1), top_k_weights.to(hidden_states.dtype), top_k_index
+        logits = torch.cat([router_logits, null_logits], dim=-1)
+        silent = self._silent_columns()
+        if silent is not None:
+            logits = torch.where(silent.to(logits.device), logits.detach(), logits)
+        return logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+    def routes(self, group: int) -> bool:
+        """Whether grown group `group` (0 = the first grown one) routes in this forward pass."""
+        if self.routed_phases is not None and self.phases[group] >= self.routed_phases:
+            return False
+        return self._serves(group)
+
+    def _serves(self, group: int) -> bool:
+        modalities = self.group_modalities[group]
+        return modalities is None or self.input_modality is None or self.input_modality in modalities
+
+    def _silent_columns(self) -> torch.Tensor | None:
+        """(E + G,) bool: the logit columns (experts and null) of grown groups that serve other input modalities;
+        None when every group serves this one."""
+        if all(self._serves(group) for group in range(len(self.phases))):
+            return None
+        silent = torch.zeros(self.num_experts + len(self.phases), dtype=torch.bool)
+        offset = self.groups[0][0]
+        for group, (size, _) in enumerate(self.groups[1:]):
+            if not self._serves(group):
+                silent[offset : offset + size] = silent[self.num_experts + group] = True
+            offset += size
+        return silent
 
     def _route_grown_groups(
         self, logits: torch.Tensor, null_logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append each grown group's top-k (weights unnormalised, the null expert's share left out) to the base's."""
+        """Append each routing grown group's top-k (weights unnormalised, the null expert's share left out) to the
+        base's."""
         all_weights, all_index, offset = [weights], [index], self.groups[0][0]
         for group, (size, top_k) in enumerate(self.groups[1:]):
-            if self.routed_phases is not None and self.phases[group] >= self.routed_phases:
-                break  # phases are in order: the later groups are silent too
-            group_logits = torch.cat([logits[:, offset : offset + size], null_logits[:, group, None]], dim=-1)
-            probs = group_logits.softmax(dim=-1, dtype=torch.float32)[:, :size]
-            group_weights, group_index = probs.topk(top_k, dim=-1)
-            all_weights.append(group_weights)
-            all_index.append(group_index + offset)
+            if self.routes(group):
+                group_logits = torch.cat([logits[:, offset : offset + size], null_logits[:, group, None]], dim=-1)
+                probs = group_logits.softmax(dim=-1, dtype=torch.float32)[:, :size]
+                group_weights, group_index = probs.topk(top_k, dim=-1)
+                all_weights.append(group_weights)
+                all_index.append(group_index + offset)
             offset += size
         return torch.cat(all_weights, dim=-1), torch.cat(all_index, dim=-1)
+
+
+@contextmanager
+def routing_modality(module: nn.Module, modality: str | None) -> Iterator[None]:
+    """Within the block the routers and PEER blocks in `module` know the encoder's input modality ("speech", "text"
+    or "pose"), so that growth phases serving other modalities stay silent (`WhisperMoEConfig.expert_growth`)."""
+    if not module.config.modality_growth:
+        yield
+        return
+    gated = [block for block in module.modules() if isinstance(block, (WhisperMoERouter, PEER))]
+    saved = [block.input_modality for block in gated]
+    try:
+        for block in gated:
+            block.input_modality = modality
+        yield
+    finally:
+        for block, state in zip(gated, saved):
+            block.input_modality = state
 
 
 def grouped_experts_forward(
@@ -416,7 +467,7 @@ class _FeedForwardResidual:
         normed = self.final_layer_norm(hidden_states)
         hidden_states = self.mlp(normed)
         for peer in self.peers:
-            if peer.enabled:
+            if peer.active:
                 hidden_states = hidden_states + peer(normed)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         return residual + hidden_states
@@ -530,12 +581,14 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
         decoder_layers: list[int] | None = None,
         init: str = "copy",
         seed: int = 0,
+        modalities: list[str] | None = None,
     ) -> "WhisperMoEPreTrainedModel":
         """Grow new experts into the chosen layers (every sparse layer by default), outputs unchanged; in place.
-        See growth.py."""
+        `modalities` (e.g. ["text"]): the only inputs they serve (all by default). See growth.py."""
         from .growth import grow_experts
 
-        return grow_experts(self, num_new, num_experts_per_tok, encoder_layers, decoder_layers, init, seed)
+        layers = (encoder_layers, decoder_layers)
+        return grow_experts(self, num_new, num_experts_per_tok, *layers, init, seed, modalities=modalities)
 
     def add_peer(
         self,
@@ -632,18 +685,25 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         encoder. Text (`config.text_frontend`): `input_ids` (batch, text_len) and `attention_mask` (batch, text_len),
         1 = real token -> `WhisperMoEEncoderOutput`, last_hidden_state (batch, text_len, d_model). Poses
         (`config.pose_frontend`): `pose_values` (batch, frames, 27, 4) and `attention_mask` (batch, frames), 1 = real
-        frame -> last_hidden_state (batch, frames, d_model)."""
-        if pose_values is not None:
-            if input_features is not None or input_ids is not None:
-                raise ValueError("Pass the encoder one input: input_features, input_ids or pose_values.")
-            return self.forward_pose(pose_values, attention_mask=attention_mask, **kwargs)
-        if input_ids is None and self.config.variable_length_audio:
-            return self.forward_variable_length(input_features, attention_mask=attention_mask, **kwargs)
-        if input_ids is None:
-            return super().forward(input_features, attention_mask=attention_mask, **kwargs)
-        if input_features is not None:
+        frame -> last_hidden_state (batch, frames, d_model). The output's "modality" ("speech", "text" or "pose")
+        tells the decoder which growth phases serve it."""
+        if pose_values is not None and (input_features is not None or input_ids is not None):
+            raise ValueError("Pass the encoder one input: input_features, input_ids or pose_values.")
+        if input_ids is not None and input_features is not None:
             raise ValueError("Pass the encoder either input_features (audio) or input_ids (text), not both.")
-        return self.forward_text(input_ids, attention_mask=attention_mask, **kwargs)
+        modality = "pose" if pose_values is not None else "text" if input_ids is not None else "speech"
+        with routing_modality(self, modality):
+            if pose_values is not None:
+                outputs = self.forward_pose(pose_values, attention_mask=attention_mask, **kwargs)
+            elif input_ids is not None:
+                outputs = self.forward_text(input_ids, attention_mask=attention_mask, **kwargs)
+            elif self.config.variable_length_audio:
+                outputs = self.forward_variable_length(input_features, attention_mask=attention_mask, **kwargs)
+            else:
+                outputs = super().forward(input_features, attention_mask=attention_mask, **kwargs)
+        if isinstance(outputs, BaseModelOutput):
+            outputs["modality"] = modality
+        return outputs
 
     def embed_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text front-end: (batch, text_len) ids -> (batch, text_len, d_model), token embedding plus learned position.
@@ -884,17 +944,18 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
         encoder_mask = encoder_outputs.get("attention_mask")  # set by the text and pose front-ends only
         if encoder_mask is not None:
             kwargs["encoder_padding_mask"] = encoder_mask
-        decoder_outputs = self.decoder(
-            input_ids=decoder_input_ids,
-            attention_mask=decoder_attention_mask,
-            encoder_hidden_states=encoder_outputs[0],
-            cache=cache,
-            inputs_embeds=decoder_inputs_embeds,
-            position_ids=decoder_position_ids,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            **kwargs,
-        )
+        with routing_modality(self.decoder, encoder_outputs.get("modality")):
+            decoder_outputs = self.decoder(
+                input_ids=decoder_input_ids,
+                attention_mask=decoder_attention_mask,
+                encoder_hidden_states=encoder_outputs[0],
+                cache=cache,
+                inputs_embeds=decoder_inputs_embeds,
+                position_ids=decoder_position_ids,
+                use_cache=use_cache,
+                output_router_logits=output_router_logits,
+                **kwargs,
+            )
         return WhisperMoEModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
             cache=decoder_outputs.cache,

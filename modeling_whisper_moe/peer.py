@@ -12,7 +12,8 @@ N full keys (a full key is a pair of sub-keys, its score the sum of the halves')
 beside the layer's feed-forward block, with act the model's own activation (GELU in Whisper, as its feed-forward
 block; the paper allows any). A block grown into a trained model starts with every v_i = 0, so it adds exactly 0
 until it is trained (see growth.py). Its `phase` is the growth phase that added it; `enabled = False` skips it
-(`growth.previous_model`), and `frozen_statistics` makes the query normalisation a fixed function (running
+(`growth.previous_model`), as does an `input_modality` its phase does not serve (`modalities`, see
+`WhisperMoEConfig.expert_growth`), and `frozen_statistics` makes the query normalisation a fixed function (running
 statistics, never updated) while a later phase trains.
 """
 
@@ -48,7 +49,16 @@ class PEER(nn.Module):
         self.activation_fn = ACT2FN[config.activation_function]
         self.activation_dropout = config.activation_dropout
         self.enabled = True
+        self.modalities = config.growth_modalities(phase)
+        self.input_modality: str | None = None  # set by `routing_modality` for each forward pass
         self.frozen_statistics = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the block adds its output in this forward pass."""
+        return self.enabled and (
+            self.modalities is None or self.input_modality is None or self.input_modality in self.modalities
+        )
 
     @torch.no_grad()
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:

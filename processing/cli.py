@@ -123,7 +123,7 @@ def _add_experts(args: argparse.Namespace) -> None:
     model = WhisperMoEForConditionalGeneration.from_pretrained(source, dtype="float32")
     before, _ = count_parameters(model)
     model.add_experts(args.num_new, args.num_experts_per_tok, args.encoder_layers, args.decoder_layers, args.init,
-                      args.seed)  # fmt: skip
+                      args.seed, args.modalities)  # fmt: skip
     processor = WhisperMoEProcessor.from_pretrained(source)
     _save_folder(model, processor, args.dst)
     phase = model.config.expert_growth[-1]
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--decoder-layers", type=_layer_list, default=None, help="'all' sparse ones, 'none' or 0,2")
     grow.add_argument("--init", default="copy", choices=["copy", "random"], help="new experts' input projection")
     grow.add_argument("--seed", type=int, default=0)
+    grow.add_argument("--modalities", type=lambda text: text.split(","), default=None,
+                      help="inputs the new experts serve, e.g. text or speech,pose (default: all)")  # fmt: skip
     grow.set_defaults(run=_add_experts)
 
     ttt = commands.add_parser("add-ttt", help="add Test-Time-Training sub-layers to a folder, outputs unchanged")

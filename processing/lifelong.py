@@ -60,6 +60,9 @@ class LifelongArguments:
     grow_encoder_layers: str = field(default="all", metadata={"help": "encoder layers to grow: all, none or 0,2"})
     grow_decoder_layers: str = field(default="all", metadata={"help": "decoder layers to grow: all, none or 0,2"})
     grow_init: str = field(default="copy", metadata={"help": "new experts' input projection: copy or random"})
+    grow_modalities: str = field(
+        default="all", metadata={"help": "input modalities the phase serves: all, or some of speech,text,pose"}
+    )
     grow_peer_keys: int = field(
         default=0, metadata={"help": "sub-keys of a PEER block (keys^2 experts) beside each grown layer (0: none)"}
     )
@@ -138,6 +141,7 @@ def grow_for_phase(model: nn.Module, args: LifelongArguments, seed: int) -> nn.M
         init=args.grow_init,
         seed=seed,
         peer=args.peer_spec,
+        modalities=None if args.grow_modalities == "all" else args.grow_modalities.split(","),
     )
 
 

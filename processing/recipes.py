@@ -99,11 +99,19 @@ def parse_recipe(
     parsed = HfArgumentParser(tuple(dataclass_types)).parse_args_into_dataclasses(
         args=device_flags + recipe_flags + flags
     )
+    given = {flag.lstrip("-").split("=")[0].replace("-", "_") for flag in flags if flag.startswith("--")}
+    for key in (key for key, value in recipe.items() if value == [] and key not in given):
+        for arguments in parsed:  # an empty list is no flag at all: set it, or the field's default would stand
+            if hasattr(arguments, key):
+                setattr(arguments, key, [])
     return list(parsed), {"path": str(recipe_path), **recipe}
 
 
 def as_flags(key: str, value) -> list[str]:
-    """A recipe entry as command-line flags: lists as several values, dicts as JSON."""
+    """A recipe entry as command-line flags: lists as several values (none for an empty list, which
+    `parse_recipe` sets after parsing), dicts as JSON."""
+    if value == []:
+        return []
     if isinstance(value, list):
         return [f"--{key}", *map(str, value)]
     if isinstance(value, dict):

@@ -238,3 +238,90 @@ def test_phase_weight_shares_measure_the_traffic_a_growth_phase_takes():
         assert set(shares) == {"encoder", "decoder"} and shares["encoder"] == {"base": 1.0}
         assert shares["decoder"]["phase 0"] == pytest.approx(expected, abs=1e-6)  # base top-2 weights sum to 1
         assert sum(shares["decoder"].values()) == pytest.approx(1.0)
+
+
+def _train_newest_phase(model: WhisperMoEForConditionalGeneration, seed: int = 5) -> None:
+    """Move every parameter the newest growth phase added, as training it would: experts, router rows, null logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, WhisperMoESparseBlock) and len(module.router.groups) > 1:
+                new = module.router.num_experts - module.router.groups[-1][0]
+                for tensor in (module.experts.fc2_weight, module.experts.fc1_weight, module.router.weight):
+                    tensor[new:] += torch.randn(tensor[new:].shape, generator=generator)
+                module.router.null_logits[-1] = -5.0  # the new experts now take most of the group's weight
+
+
+def test_a_text_phase_never_changes_speech_however_it_trains(tmp_path):
+    from test_text_translation import _text_batch, tiny_text_moe
+
+    model = _perturbed(tiny_text_moe()).eval()
+    features, labels = _inputs(batch=3)
+    ids, mask = _text_batch()
+    speech_before, text_before = _logits(model, features, labels), model(input_ids=ids, attention_mask=mask,
+                                                                         labels=labels).logits  # fmt: skip
+    grow_experts(model, num_new=2, encoder_layers=[0], decoder_layers=[0, 1], modalities=["text"])
+    assert model.config.expert_growth[-1]["modalities"] == ["text"]
+    _train_newest_phase(model)
+    torch.testing.assert_close(_logits(model, features, labels), speech_before, atol=0, rtol=0)
+    # as generate calls it: the encoder first, its output (with its modality) handed to every decoder step
+    encoded = model.get_encoder()(features)
+    assert encoded["modality"] == "speech"
+    stepwise = model(encoder_outputs=encoded, labels=labels).logits
+    torch.testing.assert_close(stepwise, speech_before, atol=0, rtol=0)
+    text_after = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+    assert (text_after - text_before).abs().max() > 1e-3  # the phase does serve text
+    model.save_pretrained(tmp_path / "grown")
+    reloaded = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path / "grown").eval()
+    torch.testing.assert_close(_logits(reloaded, features, labels), speech_before, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask, labels=labels).logits, text_after)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_speech_phase_leaves_text_generation_as_it_was(num_beams):
+    from test_text_translation import _text_batch, tiny_text_moe
+
+    model = _perturbed(tiny_text_moe()).eval()
+    ids, mask = _text_batch()
+    before = model.generate(input_ids=ids, attention_mask=mask, language="de", max_new_tokens=4, num_beams=num_beams)
+    grow_experts(model, num_new=2, modalities=["speech"])
+    _train_newest_phase(model)
+    after = model.generate(input_ids=ids, attention_mask=mask, language="de", max_new_tokens=4, num_beams=num_beams)
+    assert after.tolist() == before.tolist()
+    features, labels = _inputs(batch=3)
+    with previous_model(model):
+        speech_before = _logits(model, features, labels)
+    assert (_logits(model, features, labels) - speech_before).abs().max() > 1e-3
+
+
+def test_inputs_a_phase_does_not_serve_give_its_parameters_no_gradient():
+    model = _perturbed(tiny_moe(text_frontend=True, max_text_positions=10)).train()
+    grow_experts(model, num_new=2, decoder_layers=[1], encoder_layers=[], modalities=["text"])
+    _train_newest_phase(model)
+    features, labels = _inputs()
+    out = model(features, labels=labels)
+    out.loss.backward()
+    block = model.model.decoder.layers[1].mlp
+    assert block.experts.fc2_weight.grad[4:].abs().sum() == 0
+    assert block.router.weight.grad[4:].abs().sum() == 0  # not even through the balance or z-loss
+    assert block.router.null_logits.grad.abs().sum() == 0
+    assert block.router.weight.grad[:4].abs().sum() > 0  # the old rows still get their losses' gradient
+    assert all(router.input_modality is None for router in [block.router])  # the context was left
+
+
+@pytest.mark.parametrize("modalities", [["video"], [], "text"])
+def test_growth_modalities_must_be_known_input_modalities(modalities):
+    phase = {"num_experts": 2, "num_experts_per_tok": 1, "encoder_layers": [], "decoder_layers": [0],
+             "modalities": modalities}  # fmt: skip
+    with pytest.raises(ValueError, match="modalities must be a non-empty list"):
+        WhisperMoEConfig(**{**TINY, "expert_growth": [phase]})
+
+
+def test_growing_a_model_that_already_ran_still_records_every_router():
+    model = tiny_moe()
+    features, labels = _inputs()
+    model(features, labels=labels)  # transformers installs its router-logit hooks on this first call
+    grow_experts(model, num_new=2, decoder_layers=[1])
+    out = model(features, labels=labels)
+    assert [logits.shape[-1] for logits in out.decoder_router_logits] == [4, 7]  # the grown layer: 4 + 2 + null
