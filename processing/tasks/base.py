@@ -42,6 +42,8 @@ class Task:
     - `build_collator(context) -> (examples -> batch)`: the batch the model's forward takes.
     - `speech_output`: batches are text -> log-mel (the loss is the model's own; no token cross-entropy).
     - `build_metrics(context) -> compute_metrics | None`: what the Trainer scores on `TaskData.evaluation`.
+    - `preprocess_logits`: the Trainer's `preprocess_logits_for_metrics`, what it keeps of each evaluation batch's
+      outputs for `build_metrics` (e.g. the logits' argmax; None keeps everything, vocabulary-sized logits included).
     - `generation_kwargs(context) -> dict`: given to `Trainer.evaluate` (e.g. the target language).
     - `evaluator_name`: the scorer of processing/evaluation/ that `scripts/evaluate.py --tasks` runs for it.
     """
@@ -51,6 +53,7 @@ class Task:
     build_collator: Callable[[TaskContext], Callable]
     speech_output: bool = False
     build_metrics: Callable[[TaskContext], Callable | None] = lambda context: None
+    preprocess_logits: Callable | None = None
     generation_kwargs: Callable[[TaskContext], dict] = lambda context: {}
     evaluator_name: str | None = None
 
