@@ -13,6 +13,13 @@ GROWTH_OPTIONAL_KEYS = frozenset({GROWTH_PEER_KEY, GROWTH_MODALITIES_KEY})
 INPUT_MODALITIES = ("speech", "text", "pose")  # what the encoder reads: log-mel audio, token ids, sign keypoints
 TTT_TYPES = ("linear", "mlp")  # TTT-Linear, TTT-MLP (ttt.py)
 PEER_KEYS = frozenset({"num_keys", "num_heads", "num_experts_per_head", "key_dim"})  # a phase's "peer" entry
+WAVENET_KEYS = frozenset({"layers", "channels", "dilations", "kernel_size", "alpha"})  # `wavenet_branch` (wavenet.py)
+WAVENET_DEFAULTS = {"kernel_size": 2, "alpha": 0.0}  # WaveNet's kernel; alpha 0: the decoder is unchanged
+WAVENET_DILATION_CYCLE = 10  # default dilations 1, 2, ..., 512, then again from 1, as in WaveNet
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @strict
@@ -145,6 +152,13 @@ class WhisperMoEConfig(WhisperConfig):
     ttt_num_heads (`int`, *optional*):
         Heads of the TTT layers (each with its own inner model); the layer's attention heads when unset.
 
+    wavenet_branch (`dict`, *optional*):
+        A WaveNet beside the decoder (see wavenet.py), mixed into the logits as alpha * g + (1 - alpha) * h:
+        `{"layers": n, "channels": c}` and optionally `"dilations"` (n ints, default 1, 2, 4, ... doubling up to 512,
+        then again from 1), `"kernel_size"` (default 2) and `"alpha"`, the learned weight's start (default 0, which
+        leaves a trained decoder's logits exactly as they were). Causal: token t reads tokens 0..t only. `None`: no
+        branch.
+
     Text-to-speech fields, read only by [`WhisperMoEForTextToSpeech`] (the speech-recognition model ignores them):
 
     tts_speaker_embedding_dim (`int`, defaults to 0):
@@ -193,6 +207,7 @@ class WhisperMoEConfig(WhisperConfig):
     ttt_mini_batch_size: int = 16
     ttt_base_lr: float | int | None = None
     ttt_num_heads: int | None = None
+    wavenet_branch: dict | None = None
 
     def check_text_encoder_layers(self, text_encoder_layers: int | None) -> None:
         """Raise unless `text_encoder_layers` is unset or between 1 and `encoder_layers`."""
@@ -244,6 +259,7 @@ class WhisperMoEConfig(WhisperConfig):
         self.check_quantization()
         self.check_growth()
         self.check_ttt()
+        self.wavenet_settings()
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}.")
         for side, num_layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
@@ -283,6 +299,32 @@ class WhisperMoEConfig(WhisperConfig):
                 f"encoder_ttt_layers={self.encoder_ttt_layers} cannot be used with variable_length_audio: a TTT layer "
                 "reads its whole row, and packed rows hold several clips."
             )
+
+    def wavenet_settings(self) -> dict | None:
+        """`wavenet_branch` with its defaults filled in (None: no branch); raises `ValueError` naming an impossible
+        value."""
+        spec = self.wavenet_branch
+        if spec is None:
+            return None
+        if not isinstance(spec, dict) or not {"layers", "channels"} <= set(spec) <= WAVENET_KEYS:
+            raise ValueError(
+                f"wavenet_branch must be a dict with 'layers' and 'channels' and optionally "
+                f"{sorted(WAVENET_KEYS - {'layers', 'channels'})}, got {spec!r}."
+            )
+        settings = {**WAVENET_DEFAULTS, **spec}
+        if not all(_is_positive_int(settings[key]) for key in ("layers", "channels", "kernel_size")):
+            raise ValueError(f"wavenet_branch's layers, channels and kernel_size must be positive ints, got {spec!r}.")
+        layers = settings["layers"]
+        settings.setdefault("dilations", [2 ** (i % WAVENET_DILATION_CYCLE) for i in range(layers)])
+        dilations = settings["dilations"]
+        if not isinstance(dilations, list) or len(dilations) != layers or not all(map(_is_positive_int, dilations)):
+            raise ValueError(
+                f"wavenet_branch's dilations must be {layers} positive ints, one per layer, got {dilations!r}."
+            )
+        alpha = settings["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"wavenet_branch's alpha must be a number between 0 and 1, got {alpha!r}.")
+        return settings
 
     def has_ttt(self, side: str, layer_idx: int) -> bool:
         """Whether layer `layer_idx` of `side` has a Test-Time-Training sub-layer."""

@@ -41,6 +41,7 @@ from .pose import PoseFrontend, add_pose_frontend
 from .quantization import quantize_model
 from .ttt import TTTBase, cached_state, ttt_sublayer
 from .upcycling import add_text_frontend, upcycle
+from .wavenet import WaveNetBranch
 
 IGNORE_INDEX = -100  # label value the cross-entropy skips (padding)
 ENCODER_DOWNSAMPLING = 2  # conv2's stride: one encoder position per two mel frames
@@ -640,6 +641,8 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
             module.init_weights(std)
         elif isinstance(module, TTTBase):  # its own parameters, gates closed
             module.init_weights(std)
+        elif isinstance(module, WaveNetBranch):  # after its convolutions and norm: alpha at its start
+            module.init_weights()
 
 
 def _router_recorder() -> dict:
@@ -982,6 +985,8 @@ class WhisperMoEForConditionalGeneration(
         WhisperMoEPreTrainedModel.__init__(self, config)
         self.model = WhisperMoEModel(config)
         self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        wavenet = config.wavenet_settings()
+        self.wavenet_branch = WaveNetBranch(config.d_model, wavenet) if wavenet is not None else None
         self.max_target_positions = config.max_target_positions
         if config.quantization is not None:  # an int8 folder: build its int8 modules before loading fills them
             quantize_model(self)
@@ -1038,6 +1043,7 @@ class WhisperMoEForConditionalGeneration(
         num_items_in_batch: int | torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         pose_values: torch.Tensor | None = None,
+        wavenet_input_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> WhisperMoEOutput:
         """Whisper's forward plus router losses.
@@ -1048,7 +1054,8 @@ class WhisperMoEForConditionalGeneration(
         this micro-batch's share of it, so the update does not depend on how the batch was split.
         `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of the encoder's router losses.
         With text input (`input_ids`, batch x text_len) it marks real tokens instead, with poses (`pose_values`, batch
-        x frames x 27 x 4) real frames.
+        x frames x 27 x 4) real frames. `wavenet_input_ids` (batch, window): the tokens the WaveNet branch reads,
+        ending at the last decoder token (generation passes them, wavenet.py); `decoder_input_ids` when unset.
         """
         if labels is not None:
             if labels.shape[1] > self.max_target_positions:
@@ -1077,7 +1084,11 @@ class WhisperMoEForConditionalGeneration(
             pose_values=pose_values,
             **kwargs,
         )
-        logits = self.proj_out(outputs.last_hidden_state)
+        hidden = outputs.last_hidden_state
+        if self.wavenet_branch is not None:
+            tokens = self._wavenet_inputs(wavenet_input_ids, decoder_input_ids, decoder_inputs_embeds)
+            hidden = self.wavenet_branch.mix(hidden, tokens)
+        logits = self.proj_out(hidden)
         encoder_mask, decoder_mask = self._router_masks(outputs, attention_mask, decoder_attention_mask, labels)
         losses = router_losses(
             outputs.encoder_router_logits, outputs.decoder_router_logits, encoder_mask, decoder_mask, self.config
@@ -1106,6 +1117,27 @@ class WhisperMoEForConditionalGeneration(
             decoder_router_logits=outputs.decoder_router_logits,
             **losses,
         )
+
+    def _wavenet_inputs(
+        self,
+        wavenet_input_ids: torch.LongTensor | None,
+        decoder_input_ids: torch.LongTensor | None,
+        decoder_inputs_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(batch, window, d_model): the decoder's embeddings of the tokens the WaveNet branch reads."""
+        ids = wavenet_input_ids if wavenet_input_ids is not None else decoder_input_ids
+        if ids is None:
+            return decoder_inputs_embeds
+        decoder = self.model.decoder
+        return decoder.embed_tokens(ids) * decoder.embed_scale
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
+        """Whisper's, plus the WaveNet branch's window of the generated tokens (`input_ids`, batch x length) when
+        there is a branch: with a cache the decoder reads only the new tokens, the branch its receptive field."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if self.wavenet_branch is not None:
+            inputs["wavenet_input_ids"] = self.wavenet_branch.window(input_ids, inputs["decoder_input_ids"].shape[1])
+        return inputs
 
     def _cross_entropy(
         self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None

@@ -29,6 +29,7 @@ SHIPPED_CODE = {
     "upcycling.py",
     "video.py",
     "vocoder.py",
+    "wavenet.py",
 }
 # The package's own entry point; a Hub folder is loaded module by module through auto_map instead.
 PACKAGE_ONLY = {"__init__.py"}
