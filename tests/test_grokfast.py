@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import test_multitask
 import torch
 from conftest import REPO_ROOT, tiny_moe
 from test_training import _Synthetic
@@ -192,3 +193,30 @@ def test_train_script_runs_modular_arithmetic_from_scratch_with_grokfast(tmp_pat
     assert curve == [2, 4, 4]  # evaluated every 2 steps, then once more by train.main after training
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["d_model"] == 32 and config["text_frontend"]
+
+
+recipe = test_multitask.recipe  # the multi-task recipe on the shared data (a fixture)
+
+
+def test_every_task_of_the_mixture_is_filtered_at_every_step(recipe, tmp_path, monkeypatch):
+    from processing import train
+
+    calls = []
+    original = GradientFilter.__call__
+
+    def recording(self, named_parameters):
+        named_parameters = list(named_parameters)
+        calls.append({name for name, parameter in named_parameters if parameter.grad is not None})
+        original(self, named_parameters)
+
+    monkeypatch.setattr(GradientFilter, "__call__", recording)
+    tiny = ["--d_model", "32", "--ffn_dim", "48", "--encoder_layers", "1", "--decoder_layers", "1",
+            "--attention_heads", "2", "--task_steps", "2", "3", "2", "--task_batch_sizes", "2", "2", "2",
+            "--asr_synthetic_examples", "4", "--voices", "en-us", "--speeds", "160", "--pitches", "50",
+            "--tokenizer_name_or_path", "bundled:base", "--grokfast", "ema"]  # fmt: skip
+    train.main([str(recipe), "--output_dir", str(tmp_path), *tiny])
+    assert len(calls) == 2 + 3 + 2  # asr, translation and tts steps: once per optimizer step
+    trained = set().union(*calls)
+    assert any(name.startswith("speech.") for name in trained)  # the tts head's steps
+    assert any("embed_text_tokens" in name for name in trained)  # the translation steps' text front-end
+    assert any("conv1" in name for name in trained)  # the asr steps' audio front-end
