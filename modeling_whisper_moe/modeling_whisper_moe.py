@@ -41,7 +41,7 @@ from .pose import PoseFrontend, add_pose_frontend
 from .quantization import quantize_model
 from .ttt import TTTBase, cached_state, ttt_sublayer
 from .upcycling import add_text_frontend, upcycle
-from .wavenet import WaveNetBranch
+from .wavenet import WaveNetBranch, add_wavenet_branch
 
 IGNORE_INDEX = -100  # label value the cross-entropy skips (padding)
 ENCODER_DOWNSAMPLING = 2  # conv2's stride: one encoder position per two mel frames
@@ -1022,6 +1022,13 @@ class WhisperMoEForConditionalGeneration(
     def add_pose_frontend(self) -> "WhisperMoEForConditionalGeneration":
         """Give the encoder a pose front-end (sign-language keypoints, pose.py) and set `config.pose_frontend`."""
         return add_pose_frontend(self)
+
+    def add_wavenet_branch(
+        self, layers: int, channels: int, dilations: list[int] | None = None, kernel_size: int = 2, seed: int = 0
+    ) -> "WhisperMoEForConditionalGeneration":
+        """Give the decoder a WaveNet branch whose mixing weight starts at 0, outputs unchanged; in place. See
+        wavenet.py."""
+        return add_wavenet_branch(self, layers, channels, dilations, kernel_size, seed)
 
     def hub_model_card(self) -> str:
         return model_card(self)

@@ -85,3 +85,30 @@ class WaveNetBranch(nn.Module):
     def window(self, input_ids: torch.LongTensor, new_tokens: int) -> torch.LongTensor:
         """The last tokens of `input_ids` (batch, length) that the branch needs for its `new_tokens` last outputs."""
         return input_ids[:, -(new_tokens + self.receptive_field - 1) :]
+
+
+def add_wavenet_branch(
+    model: nn.Module,
+    layers: int,
+    channels: int,
+    dilations: list[int] | None = None,
+    kernel_size: int = 2,
+    seed: int = 0,
+) -> nn.Module:
+    """Give a WhisperMoEForConditionalGeneration (or the generalist) a WaveNet branch at alpha 0, so it computes
+    exactly what it did until the branch is trained; in place, recorded in `config.wavenet_branch`."""
+    config = model.config
+    if model.wavenet_branch is not None:
+        raise ValueError(f"the model has a WaveNet branch already: {config.wavenet_branch}.")
+    spec = {"layers": layers, "channels": channels, "kernel_size": kernel_size}
+    if dilations is not None:
+        spec["dilations"] = list(dilations)
+    type(config).from_dict({**config.to_dict(), "wavenet_branch": spec})  # raises naming what cannot work, first
+    config.wavenet_branch = spec
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        branch = WaveNetBranch(config.d_model, config.wavenet_settings())
+        branch.apply(model._init_weights)  # as the model initialises its own: convolutions, norm, then alpha
+    reference = model.proj_out.weight
+    model.wavenet_branch = branch.to(reference.device, reference.dtype)
+    return model

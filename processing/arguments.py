@@ -56,6 +56,9 @@ class ModelArguments:
     ttt_type: str = field(default="mlp", metadata={"help": "linear (TTT-Linear) or mlp (TTT-MLP)"})
     ttt_mini_batch_size: int = field(default=16, metadata={"help": "tokens per inner TTT step"})
     ttt_base_lr: float | None = field(default=None, metadata={"help": "inner base rate (1.0 linear, 0.1 mlp)"})
+    # a WaveNet branch beside the decoder added before training (modeling_whisper_moe/wavenet.py; alpha 0: exact)
+    wavenet_layers: int | None = field(default=None, metadata={"help": "add a WaveNet branch of this many layers"})
+    wavenet_channels: int = field(default=64, metadata={"help": "the WaveNet branch's channels"})
     # ttt-video-dit trains its TTT layers at 10x the pretrained backbone's rate: they start from nothing
     ttt_lr_multiplier: float = field(default=10.0, metadata={"help": "TTT parameters' learning rate / the rest's"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (training_mode=lora)"})

@@ -91,6 +91,7 @@ def load_model(args: ModelArguments, data: DataArguments, tasks: list[str]):
         model, processor = speech_to_text_model(args)
     _apply_training_overrides(model, args)
     add_ttt_layers(model, args)
+    add_wavenet(model, args)
     model.config.use_cache = False  # training never reuses keys/values; generation turns the cache back on
     logger.info("%s: %.2fM parameters", name, sum(p.numel() for p in model.parameters()) / 1e6)
     return model, processor
@@ -220,6 +221,16 @@ def add_ttt_layers(model, args: ModelArguments) -> None:
     model.add_ttt(*layers, args.ttt_type, args.ttt_mini_batch_size, args.ttt_base_lr)
     logger.info("TTT-%s in encoder layers %s, decoder layers %s", config.ttt_type, config.encoder_ttt_layers,
                 config.decoder_ttt_layers)  # fmt: skip
+
+
+def add_wavenet(model, args: ModelArguments) -> None:
+    """Give the decoder the WaveNet branch `--wavenet_layers` / `--wavenet_channels` ask for (alpha 0, exact)."""
+    if args.wavenet_layers is None:
+        return
+    if not isinstance(model, WhisperMoEForConditionalGeneration):
+        raise ValueError(f"A WaveNet branch is added to a WhisperMoE text-output model, not a {type(model).__name__}.")
+    model.add_wavenet_branch(args.wavenet_layers, args.wavenet_channels)
+    logger.info("WaveNet branch beside the decoder: %s", model.config.wavenet_settings())
 
 
 def _apply_training_overrides(model, args: ModelArguments) -> None:

@@ -87,6 +87,39 @@ def test_a_branch_at_alpha_0_changes_no_logit_and_then_learns():
     assert not torch.allclose(_logits(model.eval(), **batch), _logits(base, **batch))
 
 
+def test_adding_a_branch_keeps_every_logit_and_the_folder_reloads_it(tmp_path):
+    model = tiny_moe()
+    batch = tiny_batch()
+    before = _logits(model, **batch)
+    with pytest.raises(ValueError, match="dilations must be 2 positive ints"):
+        model.add_wavenet_branch(2, 16, dilations=[1])
+    assert model.config.wavenet_branch is None and model.wavenet_branch is None  # nothing changed
+    model.add_wavenet_branch(2, 16, dilations=[1, 4])
+    assert model.config.wavenet_settings()["dilations"] == [1, 4] and model.wavenet_branch.receptive_field == 6
+    assert torch.equal(_logits(model, **batch), before)
+    with pytest.raises(ValueError, match="has a WaveNet branch already"):
+        model.add_wavenet_branch(2, 16)
+    _opened(model)
+    model.save_pretrained(tmp_path)
+    reloaded, info = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(_logits(reloaded.eval(), **batch), _logits(model, **batch))
+    assert not torch.allclose(_logits(model, **batch), before)
+
+
+def test_train_script_adds_and_trains_a_branch(tmp_path):
+    from processing import train
+
+    recipe = REPO_ROOT / "configuration" / "recipes" / "grokking-modular.json"
+    tiny = ["--d_model", "32", "--ffn_dim", "64", "--attention_heads", "2", "--arithmetic_modulus", "7",
+            "--per_device_train_batch_size", "16", "--max_steps", "3", "--eval_steps", "3", "--warmup_steps", "0",
+            "--wavenet_layers", "2", "--wavenet_channels", "8"]  # fmt: skip
+    train.main([str(recipe), "--output_dir", str(tmp_path), *tiny])
+    model = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path)
+    assert model.config.wavenet_branch == {"layers": 2, "channels": 8, "kernel_size": 2}
+    assert model.wavenet_branch.alpha.item() != 0.0  # alpha learns from its exact start
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_cached_generation_equals_recomputing_the_prefix(num_beams):
     model = _opened(tiny_moe(max_target_positions=40, wavenet_branch=BRANCH), 0.9)
