@@ -13,6 +13,8 @@ lamb * mu would make AdamW move a parameter the batch never touched, by momentum
 along the first axis of a parameter of two or more axes (one expert of a stacked expert tensor, one token's
 embedding); a parameter of fewer axes is one row.
 
+The averages live in the filter, not in Trainer checkpoints: a resumed run starts them again.
+
 Not part of the Hub code: the training side (`WhisperMoETrainer(gradient_filter=...)`, `--grokfast`).
 """
 
