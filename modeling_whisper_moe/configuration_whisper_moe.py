@@ -1,5 +1,7 @@
 """Configuration of WhisperMoE: Whisper whose feed-forward blocks are sparse Mixtures of Experts."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import WhisperConfig
 
@@ -16,6 +18,17 @@ PEER_KEYS = frozenset({"num_keys", "num_heads", "num_experts_per_head", "key_dim
 WAVENET_KEYS = frozenset({"layers", "channels", "dilations", "kernel_size", "alpha"})  # `wavenet_branch` (wavenet.py)
 WAVENET_DEFAULTS = {"kernel_size": 2, "alpha": 0.0}  # WaveNet's kernel; alpha 0: the decoder is unchanged
 WAVENET_DILATION_CYCLE = 10  # default dilations 1, 2, ..., 512, then again from 1, as in WaveNet
+SIDES = ("encoder", "decoder")
+POSITION_EMBEDDING_TYPES = ("sinusoidal", "rotary", "rotary_givens", "learned_sinusoidal")
+ROTARY_TYPES = ("rotary", "rotary_givens")
+# Echo fields that take one value for both sides or a {"encoder": ..., "decoder": ...} dict (see echo_setting)
+ECHO_SIDED_FIELDS = (
+    "position_embedding_type",
+    "dynamic_position_bias",
+    "local_attention_window",
+    "global_tokens",
+    "conv_module",
+)
 
 
 def _is_positive_int(value) -> bool:
@@ -159,6 +172,62 @@ class WhisperMoEConfig(WhisperConfig):
         leaves a trained decoder's logits exactly as they were). Causal: token t reads tokens 0..t only. `None`: no
         branch.
 
+    Echo architecture elements (see echo.py), off by default. Each of `position_embedding_type`,
+    `dynamic_position_bias`, `local_attention_window`, `global_tokens` and `conv_module` takes one value for both
+    sides or a dict such as `{"encoder": "rotary"}` or `{"decoder": True}`; a side the dict leaves out keeps the
+    default. "Exact" below means that an element added to pretrained weights (`from_dense(..., conv_module=True)`, or
+    `from_pretrained(folder, conv_module=True)` of a folder saved without it) leaves every output as it was, up to
+    float rounding, until training moves it; the others change a pretrained model's outputs, so they are opt-in for
+    fine-tuning (from_dense warns) and meant for models trained with them.
+
+    position_embedding_type (`str` or `dict`, defaults to `"sinusoidal"`):
+        How a side encodes positions. "sinusoidal": Whisper's own (the encoder's fixed sinusoids, the decoder's
+        learned absolute table). "rotary": no absolute table; RoPE turns the queries and keys of self-attention
+        (channel pairs (2i, 2i + 1) of each head by position * rotary_theta^(-2i / head_dim)), so attention sees
+        relative positions only. "rotary_givens": RoPE after a learned orthogonal change of basis per head,
+        x' = RoPE(x G_1 ... G_m R), with G_k learned Givens rotations in the planes (2k + 1, 2k + 2), which couple
+        neighbouring RoPE frequencies, and R = exp(S - S^T) a learned rotation; angles and S start at zero (R starts
+        as the identity, an orthogonal initialisation), so at init it equals "rotary". The mixing goes before RoPE:
+        an orthogonal map applied to both queries and keys after it cancels in their dot products.
+        "learned_sinusoidal": the side's absolute table becomes a learned one initialised to Whisper's sinusoids, each
+        row L2-normalised and multiplied by one learned scale that starts at sqrt(d_model / 2), a sinusoid row's norm.
+        Exact: "learned_sinusoidal" on the encoder (the same sinusoids). Not exact: "rotary" and "rotary_givens" (a
+        model trained with absolute positions loses them) and "learned_sinusoidal" on the decoder (Whisper's decoder
+        table is learned, not sinusoidal). Rotary sides need an even head width.
+    rotary_theta (`float`, defaults to 10000.0):
+        RoPE's base (RoFormer's): the fastest channel pair turns one radian per position, the slowest about once per
+        2 pi theta positions.
+    dynamic_position_bias (`bool` or `dict`, defaults to `False`):
+        x-transformers' dynamic position bias in every self-attention of the side: a small MLP maps the distance
+        i - j of query i and key j to one bias per head, added to the attention logits. Its output layer starts at
+        zero: exact. Needs attn_implementation "sdpa" or "eager".
+    dynamic_position_bias_dim (`int`, defaults to 64):
+        Hidden width of that MLP: it is a function of one number, so a few dozen units suffice.
+    dynamic_position_bias_depth (`int`, defaults to 2):
+        Hidden layers (Linear + SiLU) before its output layer (x-transformers' default).
+    dynamic_position_bias_log_base (`float`, *optional*, defaults to e):
+        The MLP reads sign(d) * log_b(1 + |d|) of the distance d in base b, so near distances stay apart while the
+        1,500 positions of a 30 s window span about +-7.3 (natural log); a larger base compresses further. `None`
+        feeds the raw distance.
+    local_attention_window (`int` or `dict`, *optional*):
+        Sliding-window self-attention: query i attends the keys j with |i - j| < window (in the decoder, still
+        causal, the `window` latest tokens including its own). `None`: full attention. Exact only where the window
+        covers the side's longest sequence (max_source_positions / max_target_positions). Needs attn_implementation
+        "sdpa" or "eager".
+    global_tokens (`int` or `dict`, defaults to 0):
+        With a window, the first `global_tokens` positions attend to, and are attended by, every position (in the
+        decoder, every later one: the prompt tokens, say). At most the window. Not on the encoder with packed
+        variable_length_audio: a packed row holds several clips.
+    conv_module (`bool` or `dict`, defaults to `False`):
+        A Conformer convolution module in every layer of the side, after self-attention (and the TTT sub-layer):
+        layer norm, pointwise projection to 2 x d_model and GLU, depthwise convolution over time, layer norm, SiLU,
+        and a pointwise projection whose weights start at zero, added to the residual stream: exact. The decoder's
+        convolution is causal (it sees the kernel_size - 1 positions before each one); generation keeps its inputs
+        in the cache. Not on the encoder with variable_length_audio: it would read across packed clips.
+    conv_kernel_size (`int`, defaults to 31):
+        Depthwise kernel width in positions (Conformer's 31: 0.62 s of encoder positions at 20 ms); odd when the
+        encoder has the module, which centres it.
+
     Text-to-speech fields, read only by [`WhisperMoEForTextToSpeech`] (the speech-recognition model ignores them):
 
     tts_speaker_embedding_dim (`int`, defaults to 0):
@@ -208,6 +277,16 @@ class WhisperMoEConfig(WhisperConfig):
     ttt_base_lr: float | int | None = None
     ttt_num_heads: int | None = None
     wavenet_branch: dict | None = None
+    position_embedding_type: str | dict = "sinusoidal"
+    rotary_theta: float | int = 10000.0
+    dynamic_position_bias: bool | dict = False
+    dynamic_position_bias_dim: int = 64
+    dynamic_position_bias_depth: int = 2
+    dynamic_position_bias_log_base: float | int | None = math.e
+    local_attention_window: int | dict | None = None
+    global_tokens: int | dict = 0
+    conv_module: bool | dict = False
+    conv_kernel_size: int = 31
 
     def check_text_encoder_layers(self, text_encoder_layers: int | None) -> None:
         """Raise unless `text_encoder_layers` is unset or between 1 and `encoder_layers`."""
@@ -260,6 +339,7 @@ class WhisperMoEConfig(WhisperConfig):
         self.check_growth()
         self.check_ttt()
         self.wavenet_settings()
+        self.check_echo()
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}.")
         for side, num_layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
@@ -325,6 +405,75 @@ class WhisperMoEConfig(WhisperConfig):
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"wavenet_branch's alpha must be a number between 0 and 1, got {alpha!r}.")
         return settings
+
+    def echo_setting(self, name: str, side: str):
+        """The value of Echo field `name` (one of ECHO_SIDED_FIELDS) on `side`: its one value, or its dict's entry for
+        the side, or the field's default where the dict has none."""
+        value = getattr(self, name)
+        if isinstance(value, dict):
+            return value.get(side, type(self).__dataclass_fields__[name].default)
+        return value
+
+    def check_echo(self) -> None:
+        """Raise `ValueError` naming the offending value if the Echo fields cannot work together."""
+        for name in ECHO_SIDED_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, dict) and not set(value) <= set(SIDES):
+                raise ValueError(f"{name} takes one value or a dict with keys among {SIDES}, got {value!r}.")
+        if self.rotary_theta <= 0:
+            raise ValueError(f"rotary_theta must be positive, got {self.rotary_theta}.")
+        for name in ("dynamic_position_bias_dim", "dynamic_position_bias_depth", "conv_kernel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        base = self.dynamic_position_bias_log_base
+        if base is not None and base <= 1:
+            raise ValueError(f"dynamic_position_bias_log_base must be above 1 (or None), got {base}.")
+        for side in SIDES:
+            self._check_echo_positions(side)
+            self._check_echo_window(side)
+            for name in ("dynamic_position_bias", "conv_module"):
+                if not isinstance(self.echo_setting(name, side), bool):
+                    raise ValueError(f"{side} {name} must be True or False, got {self.echo_setting(name, side)!r}.")
+        if self.echo_setting("conv_module", "encoder"):
+            if self.conv_kernel_size % 2 == 0:
+                raise ValueError(
+                    f"conv_kernel_size must be odd with an encoder conv_module (centred), got {self.conv_kernel_size}."
+                )
+            if self.variable_length_audio:
+                raise ValueError(
+                    f"conv_module={self.conv_module!r} on the encoder cannot be used with variable_length_audio: the "
+                    "convolution would read across packed clips and padding."
+                )
+
+    def _check_echo_positions(self, side: str) -> None:
+        kind = self.echo_setting("position_embedding_type", side)
+        if kind not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"{side} position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, got {kind!r}."
+            )
+        heads = getattr(self, f"{side}_attention_heads")
+        if kind in ROTARY_TYPES and (self.d_model % heads or (self.d_model // heads) % 2):
+            raise ValueError(
+                f"{side} position_embedding_type={kind!r} turns channel pairs: d_model={self.d_model} must split into "
+                f"{heads} heads of even width."
+            )
+
+    def _check_echo_window(self, side: str) -> None:
+        window = self.echo_setting("local_attention_window", side)
+        global_tokens = self.echo_setting("global_tokens", side)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"{side} local_attention_window must be a positive integer or None, got {window!r}.")
+        if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
+            raise ValueError(f"{side} global_tokens must be a non-negative integer, got {global_tokens!r}.")
+        if global_tokens and window is None:
+            raise ValueError(f"{side} global_tokens={global_tokens} needs a local_attention_window.")
+        if window is not None and global_tokens > window:
+            raise ValueError(f"{side} global_tokens={global_tokens} must be at most local_attention_window={window}.")
+        if side == "encoder" and global_tokens and self.variable_length_audio and self.pack_audio:
+            raise ValueError(
+                f"encoder global_tokens={global_tokens} cannot be used with packed variable_length_audio: a packed "
+                "row holds several clips (set pack_audio=False)."
+            )
 
     def has_ttt(self, side: str, layer_idx: int) -> bool:
         """Whether layer `layer_idx` of `side` has a Test-Time-Training sub-layer."""

@@ -13,6 +13,7 @@ from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.generation.logits_process import LogitsProcessor, WhisperNoSpeechDetection
 from transformers.modeling_outputs import BaseModelOutput
 
+from .echo import reorder_conv_inputs
 from .ttt import reorder_ttt_states
 
 # Decoder task token for text output. Whisper's "translate" means "into English"; "transcribe" after a language token
@@ -131,9 +132,11 @@ class WhisperMoEGenerationMixin:
         return self.generate_from_text(input_ids, **kwargs)
 
     def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
-        """Beam search: the key/value caches and the decoder TTT layers' inner weights follow the kept beams."""
+        """Beam search: the key/value caches, the decoder TTT layers' inner weights and the convolution modules'
+        inputs follow the kept beams."""
         cache.reorder_cache(beam_idx)
         reorder_ttt_states(cache, beam_idx)
+        reorder_conv_inputs(cache, beam_idx)
         return cache
 
     def _retrieve_logit_processors(self, generation_config, logits_processor, begin_index, num_beams, device):

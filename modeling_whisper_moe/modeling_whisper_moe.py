@@ -1,7 +1,8 @@
 """WhisperMoE: Whisper's encoder-decoder whose feed-forward blocks are sparse Mixtures of Experts.
 
 Read top to bottom: router losses, router, experts, sparse block, layers, encoder, decoder, model, head.
-Everything not about experts (attention, embeddings) is Whisper's own, inherited from transformers; the head's
+Everything not about experts (attention, embeddings) is Whisper's own, inherited from transformers, unless the config
+switches on an Echo element (rotary positions, position bias, local attention, convolution: echo.py); the head's
 generation lives in generation_whisper_moe.py, its Hub saving in hub.py, upcycling and the text front-end surgery in
 upcycling.py.
 """
@@ -32,6 +33,7 @@ from transformers.models.whisper.modeling_whisper import (
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_whisper_moe import WhisperMoEConfig
+from .echo import ECHO_MODULES, EchoSelfAttention, convolution_module, needs_echo_attention, position_table
 from .generation_whisper_moe import WhisperMoEGenerationMixin, language_token_id, text_decoder_prompt
 from .hub import HubSavingMixin
 from .model_card import model_card
@@ -463,6 +465,13 @@ class _FeedForwardResidual:
         state = cached_state(cache, self.ttt, self.self_attn.layer_idx, normed) if self.ttt.causal else None
         return hidden_states + F.dropout(self.ttt(normed, state), p=self.dropout, training=self.training)
 
+    def convolution(self, hidden_states: torch.Tensor, cache=None) -> torch.Tensor:
+        """The layer's Conformer convolution module (echo.py), residual; the identity without one."""
+        if self.conv_module is None:
+            return hidden_states
+        change = self.conv_module(hidden_states, cache, self.self_attn.layer_idx)
+        return hidden_states + F.dropout(change, p=self.dropout, training=self.training)
+
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = hidden_states
         normed = self.final_layer_norm(hidden_states)
@@ -481,6 +490,9 @@ class WhisperMoEEncoderLayer(_FeedForwardResidual, WhisperEncoderLayer):
         self.mlp = _feed_forward_block(config, "encoder", layer_idx, config.encoder_ffn_dim)
         self.peers = peer_blocks(config, "encoder", layer_idx)
         self.ttt_layer_norm, self.ttt = ttt_sublayer(config, "encoder", layer_idx)
+        if needs_echo_attention(config, "encoder"):
+            self.self_attn = EchoSelfAttention(config, "encoder")
+        self.conv_module = convolution_module(config, "encoder")
 
     # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
@@ -490,7 +502,7 @@ class WhisperMoEEncoderLayer(_FeedForwardResidual, WhisperEncoderLayer):
             hidden_states=self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, **kwargs
         )
         hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = self.feed_forward(self.test_time_training(hidden_states))
+        hidden_states = self.feed_forward(self.convolution(self.test_time_training(hidden_states)))
         if hidden_states.dtype == torch.float16:
             clamp_value = torch.finfo(hidden_states.dtype).max - 1000
             hidden_states = hidden_states.clamp(min=-clamp_value, max=clamp_value)
@@ -504,6 +516,9 @@ class WhisperMoEDecoderLayer(_FeedForwardResidual, WhisperDecoderLayer):
         self.mlp = _feed_forward_block(config, "decoder", layer_idx, config.decoder_ffn_dim)
         self.peers = peer_blocks(config, "decoder", layer_idx)
         self.ttt_layer_norm, self.ttt = ttt_sublayer(config, "decoder", layer_idx)
+        if needs_echo_attention(config, "decoder"):
+            self.self_attn = EchoSelfAttention(config, "decoder", layer_idx)
+        self.conv_module = convolution_module(config, "decoder")
 
     # Adapted from transformers.models.whisper.modeling_whisper (5.x)
     def forward(
@@ -534,7 +549,7 @@ class WhisperMoEDecoderLayer(_FeedForwardResidual, WhisperDecoderLayer):
             self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs
         )
         hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
-        hidden_states = self.test_time_training(hidden_states, cache)
+        hidden_states = self.convolution(self.test_time_training(hidden_states, cache), cache)
         if encoder_hidden_states is not None:
             residual = hidden_states
             hidden_states, _ = self.encoder_attn(
@@ -643,6 +658,8 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
             module.init_weights(std)
         elif isinstance(module, WaveNetBranch):  # after its convolutions and norm: alpha at its start
             module.init_weights()
+        elif isinstance(module, ECHO_MODULES):  # after their children: zero output layers win
+            module.init_weights()
 
 
 def _router_recorder() -> dict:
@@ -664,8 +681,8 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         self.embed_scale = embed_dim**0.5 if config.scale_embedding else 1.0
         self.conv1 = nn.Conv1d(self.num_mel_bins, embed_dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(embed_dim, embed_dim, kernel_size=3, stride=ENCODER_DOWNSAMPLING, padding=1)
-        self.embed_positions = nn.Embedding(self.max_source_positions, embed_dim)
-        self.embed_positions.requires_grad_(False)
+        sinusoids = nn.Embedding(self.max_source_positions, embed_dim).requires_grad_(False)  # Whisper's, fixed
+        self.embed_positions = position_table(config, "encoder", sinusoids)
         if config.text_frontend:
             self.embed_text_tokens = nn.Embedding(config.vocab_size, embed_dim, self.padding_idx)
             self.embed_text_positions = nn.Embedding(config.max_text_positions, embed_dim)
@@ -860,7 +877,8 @@ class WhisperMoEDecoder(WhisperMoEPreTrainedModel, WhisperDecoder):
         self.max_source_positions = config.max_source_positions
         self.embed_scale = config.d_model**0.5 if config.scale_embedding else 1.0
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, self.padding_idx)
-        self.embed_positions = WhisperPositionalEmbedding(self.max_target_positions, config.d_model)
+        learned = WhisperPositionalEmbedding(self.max_target_positions, config.d_model)
+        self.embed_positions = position_table(config, "decoder", learned)
         self.layers = nn.ModuleList([WhisperMoEDecoderLayer(config, i) for i in range(config.decoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
         self.gradient_checkpointing = False

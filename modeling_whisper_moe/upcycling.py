@@ -12,13 +12,15 @@ decoder's.
 
 import copy
 import os
+import warnings
 from typing import TypeVar
 
 import torch
 from torch import nn
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from .configuration_whisper_moe import WhisperMoEConfig
+from .configuration_whisper_moe import ROTARY_TYPES, WhisperMoEConfig
+from .echo import inexact_elements, load_with_new_echo_modules
 
 Model = TypeVar("Model", bound=nn.Module)
 
@@ -171,10 +173,17 @@ def upcycle(
             "from_dense needs norm_topk_prob=True: without renormalised top-k weights the upcycled experts "
             "would not sum to the dense block."
         )
+    inexact = inexact_elements(config)
+    if inexact:
+        warnings.warn(
+            f"from_dense: {', '.join(inexact)} change what the dense model computes (see WhisperMoEConfig's Echo "
+            "section): the upcycled model is not its source until fine-tuned.",
+            stacklevel=3,
+        )
     state = upcycle_state_dict(dense.state_dict(), config, seed=seed)
     with torch.device("meta"):
         model = model_class(config)
-    model.load_state_dict(state, strict=True, assign=True)
+    load_with_new_echo_modules(model, state, seed)  # strict, but new Echo modules start from their initialisation
     model.tie_weights()
     model.generation_config = copy.deepcopy(dense.generation_config)
     if text_frontend:
@@ -196,6 +205,11 @@ def add_text_frontend(
     config = model.config
     if config.text_frontend:
         raise ValueError("This model already has a text front-end (config.text_frontend=True).")
+    if config.echo_setting("position_embedding_type", "encoder") in ROTARY_TYPES:
+        raise ValueError(
+            "add_text_frontend starts the text positions from the encoder's absolute ones, which a rotary encoder "
+            f"(position_embedding_type={config.position_embedding_type!r}) does not have."
+        )
     max_text_positions = max_text_positions or config.max_text_positions
     decoder, encoder = model.model.decoder, model.model.encoder
     if not 1 <= max_text_positions <= encoder.embed_positions.num_embeddings:

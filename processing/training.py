@@ -70,8 +70,10 @@ def apply_training_mode(
             parameter.requires_grad = not any(fragment in name for fragment in FROZEN_IN_ATTENTION_MODE)
         else:
             parameter.requires_grad = True
-    # Whisper keeps its sinusoidal encoder positions fixed in every mode
-    model.model.encoder.embed_positions.requires_grad_(False)
+    # Whisper keeps its sinusoidal encoder positions (an nn.Embedding) fixed in every mode; a learned_sinusoidal
+    # table (echo.py) trains
+    if isinstance(model.model.encoder.embed_positions, nn.Embedding):
+        model.model.encoder.embed_positions.requires_grad_(False)
     return model
 
 

@@ -9,6 +9,7 @@ from modeling_whisper_moe.hub import HUB_MODULES, PACKAGE_DIR
 SHIPPED_CODE = {
     "audio.py",
     "configuration_whisper_moe.py",
+    "echo.py",
     "features.py",
     "generation_whisper_moe.py",
     "growth.py",
