@@ -216,7 +216,8 @@ class WhisperMoEConfig(WhisperConfig):
         "sdpa" or "eager".
     global_tokens (`int` or `dict`, defaults to 0):
         With a window, the first `global_tokens` positions attend to, and are attended by, every position (in the
-        decoder, every later one: the prompt tokens, say). At most the window. Not on the encoder with packed
+        decoder, every later one: the prompt tokens, say; positions are cache slots, so in a left-padded decoder
+        batch they are the padded rows' first slots). At most the window. Not on the encoder with packed
         variable_length_audio: a packed row holds several clips.
     conv_module (`bool` or `dict`, defaults to `False`):
         A Conformer convolution module in every layer of the side, after self-attention (and the TTT sub-layer):
