@@ -189,11 +189,13 @@ class WhisperMoEConfig(WhisperConfig):
         neighbouring RoPE frequencies, and R = exp(S - S^T) a learned rotation; angles and S start at zero (R starts
         as the identity, an orthogonal initialisation), so at init it equals "rotary". The mixing goes before RoPE:
         an orthogonal map applied to both queries and keys after it cancels in their dot products.
-        "learned_sinusoidal": the side's absolute table becomes a learned one initialised to Whisper's sinusoids, each
-        row L2-normalised and multiplied by one learned scale that starts at sqrt(d_model / 2), a sinusoid row's norm.
-        Exact: "learned_sinusoidal" on the encoder (the same sinusoids). Not exact: "rotary" and "rotary_givens" (a
-        model trained with absolute positions loses them) and "learned_sinusoidal" on the decoder (Whisper's decoder
-        table is learned, not sinusoidal). Rotary sides need an even head width.
+        "learned_sinusoidal": the side's absolute table becomes a learned one initialised to Whisper's sinusoids (or,
+        added to pretrained weights, to their table), each row L2-normalised and multiplied by one learned scale that
+        starts at the table's mean row norm (sqrt(d_model / 2) for sinusoids).
+        Exact: "learned_sinusoidal" on the encoder (its sinusoid rows share one norm; on tiny.en, whose stored table
+        is rounded, logits move by under 1e-4). Not exact: "rotary" and "rotary_givens" (a model trained with
+        absolute positions loses them) and "learned_sinusoidal" on the decoder (the rows of Whisper's learned
+        decoder table have different norms). Rotary sides need an even head width.
     rotary_theta (`float`, defaults to 10000.0):
         RoPE's base (RoFormer's): the fastest channel pair turns one radian per position, the slowest about once per
         2 pi theta positions.

@@ -43,49 +43,43 @@ class LearnedSinusoidalEmbedding(nn.Module):
     """A learned position table that starts as Whisper's sinusoids; rows are L2-normalised, then scaled by one learned
     scale, so training can move directions but not blow up one position's size.
 
-    Called as the table it replaces: the encoder passes positions (n,) -> (n, d); the decoder, as it calls
-    WhisperPositionalEmbedding, its input ids or embeddings and `position_ids` (batch, n) -> (batch, n, d). `weight`
-    is the normalised table (num_embeddings, d), which the encoder's front-ends slice.
+    Called as the table it replaces: positions (n,) -> (n, d) (the encoder); input ids or embeddings (batch, n) with
+    `position_ids` (batch, n) -> (batch, n, d) (the decoder, as it calls WhisperPositionalEmbedding). Its raw table
+    is named `weight`, as Whisper's, so that a pretrained table loads into it (exactly, up to the rounding of a
+    normalisation, where that table is sinusoidal: Whisper's encoder's).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.table = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
         self.scale = nn.Parameter(torch.empty(()))
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return F.normalize(self.table, dim=-1) * self.scale
-
     def forward(self, positions: torch.Tensor, cache_length: int = 0, position_ids: torch.Tensor | None = None):
-        if position_ids is not None:
-            return self.weight[position_ids]
-        if positions.dim() == 1:  # the encoder's positions
-            return self.weight[positions]
-        return self.weight[cache_length : cache_length + positions.shape[1]]  # the decoder's ids, as Whisper's table
+        if position_ids is None and positions.dim() > 1:  # the decoder's ids, as Whisper's table
+            position_ids = torch.arange(cache_length, cache_length + positions.shape[1], device=positions.device)
+        elif position_ids is None:  # the encoder's positions
+            position_ids = positions
+        return F.normalize(self.weight[position_ids], dim=-1) * self.scale
 
     def init_weights(self) -> None:
-        """Whisper's sinusoids at their own norm: each of the d / 2 (sin, cos) pairs of a row contributes 1."""
-        init.copy_(self.table, sinusoids(self.num_embeddings, self.embedding_dim))
-        init.constant_(self.scale, math.sqrt(self.embedding_dim / 2))
+        """Whisper's sinusoids (unless the table was loaded), the scale at the table's mean row norm: sqrt(d / 2)
+        for sinusoids, each of whose d / 2 (sin, cos) pairs contributes 1."""
+        init.copy_(self.weight, sinusoids(self.num_embeddings, self.embedding_dim))
+        init.copy_(self.scale, self.weight.detach().norm(dim=-1).mean())
 
 
 class NoPositionalEmbedding(nn.Module):
     """The absolute position table of a rotary side: zeros, so positions reach the side only through RoPE. Called
-    and sliced (`weight`) as the table it replaces."""
+    as the table it replaces, (n,) or (batch, n) -> zeros (..., d)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.register_buffer("zero", torch.zeros(()), persistent=False)  # follows the model's device and dtype
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.zero.new_zeros(self.num_embeddings, self.embedding_dim)
-
     def forward(self, positions: torch.Tensor, cache_length: int = 0, position_ids: torch.Tensor | None = None):
-        return self.zero
+        return self.zero.expand(*positions.shape[:2], self.embedding_dim)
 
     def init_weights(self) -> None:
         init.zeros_(self.zero)
@@ -421,14 +415,16 @@ def inexact_elements(config: WhisperMoEConfig) -> list[str]:
 
 
 def load_with_new_echo_modules(model: nn.Module, state: dict[str, torch.Tensor], seed: int = 0) -> None:
-    """`model.load_state_dict(state, strict=True, assign=True)` for a model built on the meta device, except that its
-    Echo modules are new: what `state` holds under their names (the absolute position tables they replace) is left
-    out, and they start from their own initialisation, drawn with `seed`, on the device of the state's tensors."""
+    """`model.load_state_dict(state, strict=True, assign=True)` for a model built on the meta device, except for its
+    Echo modules, which are new: they take what `state` holds under their names and the model has (Whisper's
+    position table, which a learned_sinusoidal table starts from), drop the rest (the table a rotary side does
+    without), and start their other tensors from their own initialisation, drawn with `seed`, on the device of the
+    state's tensors."""
+    names = set(model.state_dict())
     echo = {name: module for name, module in model.named_modules() if isinstance(module, ECHO_MODULES)}
     prefixes = tuple(f"{name}." for name in echo)
-    missing, unexpected = model.load_state_dict(
-        {key: tensor for key, tensor in state.items() if not key.startswith(prefixes)}, strict=False, assign=True
-    )
+    kept = {key: tensor for key, tensor in state.items() if key in names or not key.startswith(prefixes)}
+    missing, unexpected = model.load_state_dict(kept, strict=False, assign=True)
     missing = [key for key in missing if not key.startswith(prefixes)]
     if missing or unexpected:
         raise KeyError(f"The state dict does not fit the model: missing {missing}, unexpected {unexpected}.")
@@ -436,7 +432,23 @@ def load_with_new_echo_modules(model: nn.Module, state: dict[str, torch.Tensor],
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in echo.values():
-            module.to_empty(device="cpu")
-            for part in reversed(list(module.modules())):  # children first: the module's own zeros win
+            parts = list(module.modules())
+            for part in parts:
+                _materialize(part, device)
+            for part in reversed(parts):  # children first: the module's own zeros win
                 model._init_weights(part)
-            module.to(device)
+
+
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Give `module`'s own parameters and buffers still on the meta device empty storage on `device`, and mark the
+    others (loaded) as initialised, so that transformers' init functions leave them as they are."""
+    for tensors in (module._parameters, module._buffers):
+        for key, tensor in tensors.items():
+            if tensor is None:
+                continue
+            if not tensor.is_meta:
+                tensor._is_hf_initialized = True
+            elif isinstance(tensor, nn.Parameter):
+                tensors[key] = nn.Parameter(torch.empty_like(tensor, device=device), tensor.requires_grad)
+            else:
+                tensors[key] = torch.empty_like(tensor, device=device)

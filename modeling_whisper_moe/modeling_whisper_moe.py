@@ -769,7 +769,8 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
             )
         if attention_mask is None:
             attention_mask = torch.ones(pose_values.shape[:2], dtype=torch.long, device=pose_values.device)
-        hidden_states = self.embed_pose(pose_values, self.embed_positions.weight[:frames])
+        positions = self.embed_positions(torch.arange(frames, device=pose_values.device))  # (frames, d_model)
+        hidden_states = self.embed_pose(pose_values, positions)
         return self._encode_embedded(hidden_states, attention_mask, self.layers, **kwargs)
 
     def _encode_embedded(self, hidden_states, attention_mask, layers, **kwargs) -> "WhisperMoEEncoderOutput":
@@ -816,7 +817,7 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
             )
         lengths = (frame_lengths + ENCODER_DOWNSAMPLING - 1) // ENCODER_DOWNSAMPLING  # (batch,)
         real = torch.arange(seq_len, device=lengths.device)[None] < lengths[:, None]  # (batch, seq_len)
-        hidden_states = hidden_states + self.embed_positions.weight[:seq_len]
+        hidden_states = hidden_states + self.embed_positions(torch.arange(seq_len, device=hidden_states.device))
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         packing = plan_packing(lengths, seq_len, self.max_source_positions) if self.config.pack_audio else None
         if packing is not None:

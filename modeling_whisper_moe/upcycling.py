@@ -220,7 +220,7 @@ def add_text_frontend(
     config.check_text_encoder_layers(text_encoder_layers)
     config.text_frontend, config.max_text_positions = True, max_text_positions
     config.text_encoder_layers = text_encoder_layers
-    positions = encoder.embed_positions.weight[:max_text_positions].detach().clone()
+    positions = encoder.embed_positions(torch.arange(max_text_positions)).detach().clone()
     tokens = decoder.embed_tokens.weight.detach().clone()
     tokens *= positions.pow(2).mean().sqrt() / tokens.pow(2).mean().sqrt()
     encoder.embed_text_tokens = nn.Embedding.from_pretrained(tokens, freeze=False, padding_idx=encoder.padding_idx)
