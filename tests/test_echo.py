@@ -265,6 +265,13 @@ def test_a_given_mask_decides_whether_the_decoders_self_attention_is_causal():
     assert (full_changed[:, 0] - full[:, 0]).abs().max() > 1e-4
 
 
+def test_bias_and_window_refuse_an_attention_that_cannot_add_them():
+    model = tiny_moe(**LONG, dynamic_position_bias=True)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="need attn_implementation in .*'sdpa'.* not 'flash_attention_2'"):
+        _logits(model, _inputs())
+
+
 def test_elements_apply_to_the_side_a_dict_names():
     model = tiny_moe(**LONG, position_embedding_type={"decoder": "rotary"}, conv_module={"encoder": True})
     encoder, decoder = model.model.encoder, model.model.decoder
