@@ -1,5 +1,5 @@
 """`whisper-moe` command line: convert CTranslate2 checkpoints, upcycle dense Whisper, grow experts, add TTT layers,
-make a distillation student, prune, quantize, transcribe audio."""
+make a distillation student, prune, quantize, transcribe audio files or a manifest."""
 
 import argparse
 import json
@@ -227,6 +227,29 @@ def _transcribe(args: argparse.Namespace) -> None:
             print(f"  [{begin:7.2f} -> {end if end is not None else float('nan'):7.2f}] {chunk['text'].strip()}")
 
 
+def _transcribe_manifest(args: argparse.Namespace) -> None:
+    import torch
+    from accelerate import PartialState
+    from transformers import pipeline
+
+    from processing.manifest_transcription import merge_shards, transcribe_manifest
+
+    on_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=on_cpu)  # rank and world size as accelerate launch / torchrun set them; else 1 process
+    device = args.device or (None if on_cpu else state.device)
+    asr = pipeline("automatic-speech-recognition", model=args.model, trust_remote_code=True, device=device)
+    generate_kwargs = {"num_beams": args.num_beams, **({"language": args.language} if args.language else {})}
+    rank, world_size = state.process_index, state.num_processes
+    decoded = transcribe_manifest(asr, args.manifest, args.output, args.batch_size, rank, world_size,
+                                  progress=not args.no_progress, generate_kwargs=generate_kwargs)  # fmt: skip
+    print(f"rank {rank} of {world_size}: decoded {len(decoded)} rows", file=sys.stderr)
+    state.wait_for_everyone()
+    if world_size > 1 and state.is_main_process:
+        merge_shards(args.manifest, args.output, world_size)
+    if state.is_main_process:
+        print(f"Wrote {args.output}", file=sys.stderr)
+
+
 def _prune_experts(args: argparse.Namespace) -> None:
     from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
     from modeling_whisper_moe.processing_whisper_moe import WhisperMoEProcessor
@@ -371,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--device", default=None, help="e.g. cpu, cuda:0")
     transcribe.add_argument("--json", action="store_true", help="one JSON object per file")
     transcribe.set_defaults(run=_transcribe)
+
+    manifest = commands.add_parser(
+        "transcribe-manifest",
+        help="transcribe a CSV manifest to JSON lines: resumable, splits over `accelerate launch` processes",
+    )
+    manifest.add_argument("model", help="a WhisperMoE (or Whisper) folder or Hub id")
+    manifest.add_argument("manifest", help="CSV with a path column (relative to the CSV's folder)")
+    manifest.add_argument("output", help="JSON lines, one {index, audio, text} per row; rows it holds are skipped")
+    manifest.add_argument("--batch-size", type=int, default=1)
+    manifest.add_argument("--num-beams", type=int, default=1)
+    manifest.add_argument("--language", help="e.g. en, de; detected when omitted (multilingual models)")
+    manifest.add_argument("--device", default=None, help="e.g. cpu; each process's own GPU by default")
+    manifest.add_argument("--no-progress", action="store_true", help="no progress bar")
+    manifest.set_defaults(run=_transcribe_manifest)
     return parser
 
 

@@ -68,12 +68,14 @@ def read_manifest(
     split: str | None = None,
     include_speakers: Iterable[str] | str | None = None,
     exclude_speakers: Iterable[str] | str | None = None,
+    needs_text: bool = True,
 ) -> Dataset:
     """Read a CSV manifest with columns `path,text[,split,speaker,...]` into a Dataset: the one manifest reader.
 
     `path` is relative to the CSV's folder (absolute paths are kept) and becomes the absolute `audio` column; all
     other columns are kept. `split` keeps the rows whose `split` column equals it; `include_speakers` /
-    `exclude_speakers` filter on the `speaker` column (compared as strings).
+    `exclude_speakers` filter on the `speaker` column (compared as strings). `needs_text=False` accepts a manifest
+    without `text` (audio to transcribe).
 
     Raises:
         FileNotFoundError: the CSV, or the audio file of a kept row (named with its line), does not exist.
@@ -85,7 +87,8 @@ def read_manifest(
     text_columns = {MANIFEST_PATH_COLUMN: str, TEXT_COLUMN: str, SPLIT_COLUMN: str, SPEAKER_COLUMN: str}
     # keep_default_na=False: a transcript such as "NA" or "null" stays text instead of becoming NaN.
     frame = pd.read_csv(csv_path, dtype=text_columns, keep_default_na=False)
-    _require_columns(frame.columns, (MANIFEST_PATH_COLUMN, TEXT_COLUMN), str(csv_path))
+    required = (MANIFEST_PATH_COLUMN, TEXT_COLUMN) if needs_text else (MANIFEST_PATH_COLUMN,)
+    _require_columns(frame.columns, required, str(csv_path))
     if split is not None:
         frame = _select_values(frame, SPLIT_COLUMN, [split], "split", csv_path, keep=True)
     if include_speakers is not None:
