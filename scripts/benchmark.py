@@ -6,8 +6,10 @@
 
 Measures, each as a median over repeats and as a ratio to its baseline:
 - expert dispatch: forward + backward of one sparse block over N tokens, grouped vs the per-expert loop;
-- transcription through the ASR pipeline on real speech (real-time factor, tokens per second): dense, MoE with
-  each expert implementation, and faster-whisper on a CTranslate2 checkpoint when given;
+- transcription through the ASR pipeline on real speech (real-time factor, tokens per second, WER): dense, MoE with
+  each expert implementation, the int8 MoE when given, and faster-whisper fp32 / int8 on a CTranslate2 checkpoint
+  when given, every system on the same clips at each of --transcription-batches (faster-whisper's
+  BatchedInferencePipeline above batch 1), as ratios to the dense model at the same batch size;
 - one training step (forward + backward + AdamW) with the encoder frozen and in full, MoE vs dense;
 - the new capacity of a lifelong phase (`--sections growth`): the MoE as it is, with new experts in every decoder
   layer, and with a PEER block beside every decoder layer's feed-forward block (growth.py, peer.py), transcribing the
@@ -228,21 +230,27 @@ def _train_step(model: torch.nn.Module, optimizer, features: torch.Tensor, label
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_transcription(models: dict[str, str], ct2: str | None, manifest: Path, limit: int, batch: int) -> list:
+def bench_transcription(
+    models: dict[str, str], ct2: str | None, manifest: Path, limit: int, batches: list[int]
+) -> list[dict]:
+    """Every system on the same clips at each of `batches`, as ratios to the dense model at the same batch size."""
     dataset = read_manifest(manifest).select(range(limit))
     audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
+    references = list(dataset["text"])
     audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
-    rows = []
+    pipelines = {}
     for name, (folder, implementation) in models.items():
-        asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+        pipelines[name] = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
         if implementation:
-            asr.model.set_experts_implementation(implementation)
-        benchmark = f"transcribe {limit} clips ({audio_seconds:.0f} s)"
-        rows.append(_transcription_row(asr, benchmark, name, audio, list(dataset["text"]), batch))
-    if ct2:
-        for compute_type in ("default", "int8"):
-            rows.append(_faster_whisper_row(ct2, audio, list(dataset["text"]), audio_seconds, limit, compute_type))
-    return _with_ratio(rows, baseline="dense")
+            pipelines[name].model.set_experts_implementation(implementation)
+    rows = []
+    for batch in batches:
+        benchmark = f"transcribe {limit} clips ({audio_seconds:.0f} s), batch {batch}"
+        group = [_transcription_row(asr, benchmark, name, audio, references, batch) for name, asr in pipelines.items()]
+        for compute_type in ("default", "int8") if ct2 else ():
+            group.append(_faster_whisper_row(ct2, benchmark, audio, references, compute_type, batch))
+        rows += _with_ratio(group, baseline="dense")
+    return rows
 
 
 def _transcription_row(asr, benchmark: str, system: str, audio: list[np.ndarray], references: list[str], batch: int):
@@ -260,22 +268,43 @@ def _transcription_row(asr, benchmark: str, system: str, audio: list[np.ndarray]
 
 
 def _faster_whisper_row(
-    ct2: str, audio: list[np.ndarray], references: list[str], audio_seconds: float, limit: int, compute_type: str
+    ct2: str, benchmark: str, audio: list[np.ndarray], references: list[str], compute_type: str, batch: int
 ) -> dict:
-    """faster-whisper on the same clips, one at a time (its batched pipeline is a different decoder), greedy."""
-    from faster_whisper import WhisperModel
+    """faster-whisper on the same clips, greedy: at batch 1 `WhisperModel.transcribe` clip after clip; above,
+    its `BatchedInferencePipeline` over the clips joined into one array with one clip timestamp each, so that
+    `batch` clips share each decoding step (it batches the chunks of one input)."""
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     model = WhisperModel(ct2, device="cpu", compute_type=compute_type)
     options = dict(beam_size=1, without_timestamps=True, condition_on_previous_text=False)
-    list(model.transcribe(audio[0], **options)[0])  # warm-up
+    if batch == 1:
+        transcribe = partial(_faster_whisper_sequential, model, options)
+    else:
+        transcribe = partial(_faster_whisper_batched, BatchedInferencePipeline(model), options, batch)
+    transcribe(audio[:1])  # warm-up
     with PeakMemory() as memory:
         start = time.perf_counter()
-        texts = ["".join(segment.text for segment in model.transcribe(clip, **options)[0]) for clip in audio]
+        texts = transcribe(audio)
         seconds = time.perf_counter() - start
     system = "faster-whisper" if compute_type == "default" else f"faster-whisper {compute_type}"
-    return {"benchmark": f"transcribe {limit} clips ({audio_seconds:.0f} s)", "system": system,
-            "seconds": seconds, "rtf": seconds / audio_seconds, "peak_mb": memory.megabytes,
-            "wer": _word_error_rate(references, texts)}  # fmt: skip
+    audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
+    return {"benchmark": benchmark, "system": system, "seconds": seconds, "rtf": seconds / audio_seconds,
+            "peak_mb": memory.megabytes, "wer": _word_error_rate(references, texts)}  # fmt: skip
+
+
+def _faster_whisper_sequential(model, options: dict, audio: list[np.ndarray]) -> list[str]:
+    return ["".join(segment.text for segment in model.transcribe(clip, **options)[0]) for clip in audio]
+
+
+def _faster_whisper_batched(batched, options: dict, batch: int, audio: list[np.ndarray]) -> list[str]:
+    """Each clip's text from one batched transcription of all of them, found by the segments' start times."""
+    starts = np.cumsum([0] + [len(clip) for clip in audio]) / SAMPLING_RATE
+    clips = [{"start": float(start), "end": float(end)} for start, end in zip(starts[:-1], starts[1:])]
+    segments, _ = batched.transcribe(np.concatenate(audio), clip_timestamps=clips, batch_size=batch, **options)
+    texts = [""] * len(audio)
+    for segment in segments:  # a clip's segments start at or after its own start (rounded to a sample)
+        texts[int(np.searchsorted(starts, segment.start + 0.5 / SAMPLING_RATE, side="right")) - 1] += segment.text
+    return texts
 
 
 def bench_training(dense_folder: str, moe_folder: str, batch: int, repeats: int) -> list[dict]:
@@ -560,12 +589,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{' '.join(DEFAULT_VARIANTS)}); ratios are to the first",
     )
     parser.add_argument("--variant-batches", type=int, nargs="+", default=[1, 8], help="batch sizes (--variants)")
-    parser.add_argument("--experts-implementation", choices=EXPERTS_IMPLEMENTATIONS, help="of the variants")
+    parser.add_argument(
+        "--experts-implementation",
+        choices=EXPERTS_IMPLEMENTATIONS,
+        help="of the variants; the one MoE of transcription (default: each)",
+    )
     parser.add_argument("--faster-whisper", metavar="CT2_DIR", help="also time faster-whisper on this checkpoint")
     parser.add_argument("--int8", metavar="INT8_DIR", help="also time this folder (`whisper-moe quantize` of --moe)")
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     parser.add_argument("--limit", type=int, default=16, help="clips to transcribe")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--transcription-batches", type=int, nargs="+", default=[1, 8],
+                        help="transcription: the batch sizes every system is timed at")  # fmt: skip
     parser.add_argument("--dispatch-tokens", type=int, default=3000)
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -609,10 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_dispatch(args.dispatch_tokens, moe_config.d_model, moe_config.encoder_ffn_dim, args.repeats)
     if "transcription" in args.sections:
         models = {"dense": (args.dense, None)}
-        models.update({f"moe {name}": (args.moe, name) for name in EXPERTS_IMPLEMENTATIONS if name != "batched_mm"})
+        implementations = [args.experts_implementation] if args.experts_implementation else EXPERTS_IMPLEMENTATIONS
+        models.update({f"moe {name}": (args.moe, name) for name in implementations if name != "batched_mm"})
         if args.int8:
             models["moe int8"] = (args.int8, None)
-        rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, args.batch_size)
+        rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, args.transcription_batches)
     if "training" in args.sections:
         rows += bench_training(args.dense, args.moe, args.train_batch, args.repeats)
     if "short_clips" in args.sections:
