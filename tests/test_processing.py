@@ -100,6 +100,10 @@ def test_manifest_errors_name_the_problem(data_dir: Path, tmp_path: Path) -> Non
     no_text = write_manifest(tmp_path / "no_text.csv", [{"path": real, "sentence": "zero"}])
     with pytest.raises(ValueError, match=r"\['text'\]"):
         read_manifest(no_text)
+    assert read_manifest(no_text, needs_text=False)["audio"] == [real]  # audio to transcribe needs no text
+    no_path = write_manifest(tmp_path / "no_path.csv", [{"file": real}])
+    with pytest.raises(ValueError, match=r"\['path'\]"):
+        read_manifest(no_path, needs_text=False)
 
 
 def test_librispeech_reader_matches_manifest(data_dir: Path) -> None:
