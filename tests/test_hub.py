@@ -115,8 +115,8 @@ def test_remote_pipeline_bad_audio_raises_clearly(remote):
     assert corrupt_type == "AudioDecodeError" and "decode" in corrupt_message.lower()
 
 
-# Files of any lengths in one batch: short clips beside long recordings (a 35.5 s one made of four consecutive
-# test-other utterances, and 32 s of hiss before the JFK clip), each file's text as at batch 1.
+# Files of any lengths in one batch: short clips beside long recordings (five consecutive LJSpeech sentences, 34.5 s,
+# and 32 s of hiss before the JFK clip), each file's text as at batch 1.
 MIXED_BATCH_SCRIPT = textwrap.dedent(
     """
     import numpy as np
@@ -125,18 +125,18 @@ MIXED_BATCH_SCRIPT = textwrap.dedent(
 
     folder, data = sys.argv[1], sys.argv[2]
     asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
-    chapter = data + "/librispeech/test-other/1688/142285/1688-142285-000"
-    speech = np.concatenate([soundfile.read(chapter + f"{index}.flac")[0] for index in range(4)])
+    sentences = [soundfile.read(data + f"/ljspeech/wavs/LJ001-000{index}.wav") for index in range(1, 6)]
+    speech, speech_rate = np.concatenate([samples for samples, _ in sentences]), sentences[0][1]
     jfk, rate = soundfile.read(data + "/misc/jfk.flac")
     hiss = np.random.default_rng(0).normal(0.0, 1e-3, (32 * rate, 2))
     files = [
-        lambda: chapter + "2.flac",
-        lambda: {"raw": speech, "sampling_rate": 16000},
+        lambda: data + "/librispeech/test-other/1688/142285/1688-142285-0002.flac",
+        lambda: {"raw": speech, "sampling_rate": speech_rate},
         lambda: data + "/misc/jfk.flac",
         lambda: {"raw": np.concatenate([hiss, jfk]), "sampling_rate": rate},
     ]
     result = {
-        "seconds": [len(speech) / 16000, len(hiss) / rate + len(jfk) / rate],
+        "seconds": [len(speech) / speech_rate, len(hiss) / rate + len(jfk) / rate],
         "one_by_one": [asr(file())["text"] for file in files],
         "batched": [output["text"] for output in asr([file() for file in files], batch_size=len(files))],
     }
@@ -153,7 +153,7 @@ def test_remote_pipeline_batches_clips_with_long_files(mixed_batch):
     assert all(seconds > 30 for seconds in mixed_batch["seconds"])  # two files need long-form decoding
     assert mixed_batch["leaked"] == []
     one_by_one = mixed_batch["one_by_one"]
-    assert "silly" in one_by_one[0].lower() and "steel" in one_by_one[1].lower() and "country" in one_by_one[3]
+    assert "silly" in one_by_one[0].lower() and "printing" in one_by_one[1].lower() and "country" in one_by_one[3]
     assert mixed_batch["batched"] == one_by_one
 
 
