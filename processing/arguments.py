@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from transformers import Seq2SeqTrainingArguments
 
+from processing.distillation import DistillationArguments
 from processing.grokfast import GROKFAST_FILTERS, GradientFilter
 from processing.lifelong import LifelongArguments
 from processing.recipes import RECIPES_DIR, parse_recipe
@@ -200,6 +201,7 @@ class RunArguments(NamedTuple):
     tasks: TaskArguments
     budget: BudgetArguments
     lifelong: LifelongArguments
+    distillation: DistillationArguments
     training: Seq2SeqTrainingArguments
     grokfast: GrokfastArguments
     recipe: dict
@@ -207,7 +209,7 @@ class RunArguments(NamedTuple):
 
 def parse_arguments(argv: list[str], default_recipe: Path = DEFAULT_RECIPE) -> RunArguments:
     """Recipe (first argument if it ends in .json, else the default recipe) overlaid with the flags."""
-    types = (ModelArguments, DataArguments, TaskArguments, BudgetArguments, LifelongArguments,
+    types = (ModelArguments, DataArguments, TaskArguments, BudgetArguments, LifelongArguments, DistillationArguments,
              Seq2SeqTrainingArguments, GrokfastArguments)  # fmt: skip
     parsed, recipe = parse_recipe(argv, types, default=default_recipe)
     return RunArguments(*parsed, recipe)

@@ -21,7 +21,6 @@ options below hold that for old inputs:
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -32,22 +31,20 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from torch import nn
 from transformers import TrainerCallback
-from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from modeling_whisper_moe.configuration_whisper_moe import WhisperMoEConfig
 from modeling_whisper_moe.growth import grow_experts, previous_model
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX, WhisperMoERouter
 from modeling_whisper_moe.peer import PEER
+from processing.distillation import distillation_loss, teacher_logits
+from processing.metrics import english_normalizer
 from processing.multitask import MultiTaskCollator, TaskBatchSampler, TaskMixture
+from processing.pseudo_labels import pseudo_label_clips, training_clips
 from processing.training import WhisperMoETrainer
-
-from .data import read_manifest
 
 REPLAY_COLUMN = "is_replay"  # 1 on rows of the replay set: the old domain the anchoring and distillation hold
 EXPERT_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 REPLAY_TASK = "replay"  # the replay batches' task name when the new task's rows are not audio (see replay_mixture)
-EVALUATION_SPLITS = ("test", "validation", "dev")  # rows replay never takes
-PSEUDO_LABEL_BATCH = 8  # clips the previous model transcribes at once when labelling the replay set
 logger = logging.getLogger(__name__)
 
 
@@ -270,35 +267,13 @@ def _routers(model: nn.Module, side: str) -> list[WhisperMoERouter]:
     return [layer.mlp.router for layer in stack.layers if isinstance(getattr(layer.mlp, "router", None), nn.Module)]
 
 
-def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_mask: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """KL(teacher || student) of the softened token distributions, times T^2, averaged over `token_mask` tokens.
-
-    logits: (batch, tgt_len, vocab); token_mask: (batch, tgt_len), 1 = a token to distil.
-    """
-    teacher = (teacher_logits.float() / temperature).log_softmax(dim=-1)
-    student = (student_logits.float() / temperature).log_softmax(dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum(dim=-1)  # (batch, tgt_len)
-    mask = token_mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp(min=1.0) * temperature**2
-
-
-@torch.no_grad()
-def teacher_logits(model: nn.Module, inputs: dict, outputs) -> torch.Tensor:
+def previous_model_logits(model: nn.Module, inputs: dict, outputs) -> torch.Tensor:
     """The previous model's logits on `inputs`: the same model with its newest phase switched off. When that phase
     grew no encoder layer, the encoder output is the same and is reused."""
-    phase = model.config.expert_growth[-1]
-    kwargs = {key: value for key, value in inputs.items() if key != "labels"}
-    labels = inputs["labels"]
-    kwargs["decoder_input_ids"] = shift_tokens_right(
-        labels, model.config.pad_token_id, model.config.decoder_start_token_id
-    )
-    if not phase["encoder_layers"] and outputs.encoder_last_hidden_state is not None:
-        kwargs.pop("input_features", None)
-        kwargs["encoder_outputs"] = (outputs.encoder_last_hidden_state.detach(),)
+    grew_encoder = model.config.expert_growth[-1]["encoder_layers"]
+    shared = outputs.encoder_last_hidden_state if not grew_encoder else None
     with previous_model(model):
-        return model(**kwargs, output_router_logits=False).logits
+        return teacher_logits(model, inputs, shared)
 
 
 def lifelong_losses(
@@ -315,7 +290,7 @@ def lifelong_losses(
         rows = torch.ones_like(is_replay, dtype=torch.bool) if args.distill_new_data else is_replay.bool()
         if bool(rows.any()):
             token_mask = (labels != IGNORE_INDEX) & rows[:, None]
-            teacher = teacher_logits(model, inputs, outputs)
+            teacher = previous_model_logits(model, inputs, outputs)
             kl = distillation_loss(outputs.logits, teacher, token_mask, args.distill_temperature)
             losses["distill_loss"] = args.distill_coef * kl
     return losses
@@ -329,20 +304,9 @@ def lifelong_losses(
 def replay_clips(
     manifests: Sequence[str], exclude_speakers: Sequence[str] = (), max_per_manifest: int = 0, seed: int = 0
 ) -> list[str]:
-    """The audio paths of `manifests` that replay may use: never a row of an evaluation split (a `split` column of
-    test / validation / dev) nor one of `exclude_speakers` (the held-out speakers a `speaker` column names); at most
-    `max_per_manifest` of each (a seeded sample; 0: all)."""
-    paths = []
-    for manifest in manifests:
-        rows = read_manifest(manifest)
-        if "split" in rows.column_names:
-            rows = rows.filter(lambda row: row["split"] not in EVALUATION_SPLITS)
-        if exclude_speakers and "speaker" in rows.column_names:
-            rows = rows.filter(lambda row: row["speaker"] not in set(exclude_speakers))
-        if max_per_manifest and len(rows) > max_per_manifest:
-            rows = rows.shuffle(seed=seed).select(range(max_per_manifest))
-        paths += rows["audio"]
-    return paths
+    """The audio paths of `manifests` that replay may use (`pseudo_labels.training_clips`: no evaluation split, no
+    held-out speaker, at most `max_per_manifest` of each)."""
+    return [clip.path for clip in training_clips(manifests, exclude_speakers, max_per_manifest, seed)]
 
 
 def pseudo_label_manifests(
@@ -353,42 +317,13 @@ def pseudo_label_manifests(
     max_new_tokens: int | None = None,
     **select,
 ) -> Path:
-    """Transcribe every clip `replay_clips(manifests, **select)` keeps with `model` (greedy, 30 s windows, at most
-    `max_new_tokens` each, so no label outgrows what training keeps) into `output_csv` (path,text, absolute paths).
-    An existing file listing the same clips is reused, so a resumed run labels nothing twice."""
-    paths = replay_clips(manifests, **select)
-    if not paths:
+    """Transcribe every clip `training_clips(manifests, **select)` keeps with `model` into `output_csv` (the
+    resumable manifest of processing/pseudo_labels.py, whose `text` is the model's transcript), so that a resumed
+    run labels nothing twice."""
+    clips = training_clips(manifests, **select)
+    if not clips:
         raise ValueError(f"The replay manifests {list(manifests)} hold no clips.")
-    if output_csv.is_file():
-        with open(output_csv, newline="", encoding="utf-8") as handle:
-            if [row["path"] for row in csv.DictReader(handle)] == paths:
-                return output_csv
-    texts = _transcribe(model, processor, paths, max_new_tokens)
-    staging = output_csv.with_name(f".{output_csv.name}.partial")
-    with open(staging, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "text"])
-        writer.writerows(zip(paths, texts))
-    staging.replace(output_csv)
-    return output_csv
-
-
-@torch.no_grad()
-def _transcribe(model: nn.Module, processor, paths: list[str], max_new_tokens: int | None) -> list[str]:
-    from modeling_whisper_moe import load_audio
-
-    sampling_rate = processor.feature_extractor.sampling_rate
-    was_training = model.training
-    model.eval()
-    texts = []
-    for start in range(0, len(paths), PSEUDO_LABEL_BATCH):
-        audio = [load_audio(path, sampling_rate) for path in paths[start : start + PSEUDO_LABEL_BATCH]]
-        features = processor.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors="pt")
-        limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
-        ids = model.generate(features.input_features.to(model.device, model.dtype), **limit)
-        texts += [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
-    model.train(was_training)
-    return texts
+    return pseudo_label_clips(model, processor, clips, output_csv, english_normalizer(), max_new_tokens)
 
 
 def mix_replay(train: Dataset, replay: Dataset, fraction: float, seed: int) -> Dataset:

@@ -28,6 +28,7 @@ from modeling_whisper_moe.hub import atomic_directory
 from modeling_whisper_moe.model_card import model_card
 from processing.arguments import ModelArguments, RunArguments, TaskArguments, chosen_tasks, parse_arguments, task_plan
 from processing.data import prepare_dataset, read_manifest
+from processing.distillation import DistillationTrainer, build_student
 from processing.lifelong import (
     LifelongArguments,
     LifelongTrainer,
@@ -41,8 +42,10 @@ from processing.lifelong import (
 )
 from processing.models import load_model
 from processing.multitask import MultiTaskCollator, TaskBatchSampler, TaskMixture
+from processing.pseudo_labels import PROMPT_AND_END_TOKENS
 from processing.tasks import TaskContext, get_task
 from processing.tasks.asr import set_decoder_prompt
+from processing.tasks.distillation import ARGUMENTS, DISTILLATION, TEACHER
 from processing.training import WallTimeBudget, WhisperMoETrainer, apply_training_mode
 
 # tasks that need the encoder's text front-end on a speech-to-text model
@@ -81,6 +84,19 @@ def add_input_frontends(model, model_args: ModelArguments, tasks: list[str]) -> 
         model.config.text_encoder_layers = model_args.text_encoder_layers
 
 
+def distillation_models(model, run: RunArguments, tasks: list[str]):
+    """(model to train, teacher or None): for the distillation task the loaded model is the teacher, and the
+    student made from it (or read from `student_name_or_path`) trains."""
+    if DISTILLATION.name not in tasks:
+        return model, None
+    if len(tasks) > 1 or run.tasks.task_steps or run.model.training_mode == "lifelong":
+        raise ValueError(f"distillation trains a student alone: give --tasks distillation only, not {tasks} "
+                         f"(training_mode {run.model.training_mode!r}).")  # fmt: skip
+    teacher = model.eval().requires_grad_(False)
+    teacher.config.use_cache = True  # the teacher only generates and scores, never trains
+    return build_student(teacher, run.distillation), teacher
+
+
 def choose_trained(model, model_args: ModelArguments, lifelong: LifelongArguments, seed: int):
     """(model to train, frozen rows of a lifelong phase or None): grow experts or PEER when asked, then pick what
     trains."""
@@ -100,8 +116,7 @@ def replay_set(context: TaskContext, lifelong: LifelongArguments):
     set_decoder_prompt(context, "transcribe")  # replayed labels are transcripts, whatever the new task prompts
     labels_csv = pseudo_label_manifests(context.model, context.processor, lifelong.replay_manifest,
                                         output_dir / "replay_pseudo_labels.csv",
-                                        # the prompt (<|sot|>[<|lang|><|task|>]<|notimestamps|>) and <|eot|> count
-                                        max_new_tokens=context.data.max_label_length - 5,
+                                        max_new_tokens=context.data.max_label_length - PROMPT_AND_END_TOKENS,
                                         exclude_speakers=context.data.exclude_speakers or (),
                                         max_per_manifest=lifelong.replay_max_per_manifest,
                                         seed=context.seed)  # fmt: skip
@@ -125,7 +140,11 @@ def single_task_trainer(name: str, context: TaskContext, run: RunArguments, froz
         else:
             train = mix_replay(train, replay, run.lifelong.replay_fraction, context.seed) if replay else train
             collator = ReplayFlagCollator(collator)
-    trainer = (LifelongTrainer if frozen_rows is not None else WhisperMoETrainer)(
+    trainer_class = LifelongTrainer if frozen_rows is not None else WhisperMoETrainer
+    if TEACHER in context.shared:
+        trainer_class = DistillationTrainer
+        kwargs = {"teacher": context.shared[TEACHER], "distillation": context.shared[ARGUMENTS]}
+    trainer = trainer_class(
         model=context.model,
         args=run.training,
         train_dataset=train,
@@ -206,8 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = chosen_tasks(run.tasks, data_args)
     model, processor = load_model(model_args, data_args, run.recipe.get("tasks", tasks))
     add_input_frontends(model, model_args, tasks)
+    model, teacher = distillation_models(model, run, tasks)
     model, frozen_rows = choose_trained(model, model_args, run.lifelong, training_args.seed)
     context = TaskContext(model, processor, data_args, model_args, training_args.seed, training_args.output_dir)
+    if teacher is not None:
+        context.shared.update({TEACHER: teacher, ARGUMENTS: run.distillation})
     callbacks = [WallTimeBudget(run.budget.max_train_minutes)] if run.budget.max_train_minutes else []
     mixture = len(tasks) > 1 or bool(run.tasks.task_steps)
     if mixture and frozen_rows is not None:
@@ -227,12 +249,14 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.update(trainer.evaluate(metric_key_prefix="eval", **gen_kwargs))
     trainer.log_metrics("all", metrics)
     if trainer.is_world_process_zero():
-        if {"asr", "speech_translation"} & set(tasks):  # the saved processor prompts for speech recognition
+        if {"asr", "speech_translation", DISTILLATION.name} & set(tasks):  # the saved processor prompts for ASR
             set_decoder_prompt(context, model_args.task)
         record = {"base": model_args.model_name_or_path, "command": ["scripts/train.py", *argv], "recipe": run.recipe,
                   "tasks": plan, "hyperparameters": effective_hyperparameters(model_args, training_args),
                   "model": vars(model_args), "data": vars(data_args), "budget": vars(run.budget),
                   "lifelong": vars(run.lifelong), "grokfast": vars(run.grokfast), "metrics": metrics,
                   "log_history": trainer.state.log_history}  # fmt: skip
+        if teacher is not None:
+            record["distillation"] = vars(run.distillation)
         save_hub_folder(trainer, processor, training_args.output_dir, record)
     return metrics

@@ -15,6 +15,7 @@ from typing import Any
 
 TRAINING_RECORD = "training_record.json"  # written next to the weights by the training scripts
 NAME_SEPARATOR = "="  # --model NAME=FOLDER; Hub ids and paths hold no "="
+SCORED_AS = {"distillation": "asr"}  # training tasks whose models the evaluations of another task score
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,12 @@ class ModelRef:
 
     def trained_tasks(self) -> list[str] | None:
         """The tasks its training record lists (multi-task training writes them), or None when it names none. A
-        lifelong phase keeps what its base knew: its tasks and its base's (None when the base's are unknown)."""
+        lifelong phase keeps what its base knew: its tasks and its base's (None when the base's are unknown). A
+        distilled student is a speech recogniser (`SCORED_AS`)."""
         record = self.training_record()
         if not record or "tasks" not in record:
             return None
-        tasks = list(record["tasks"])
+        tasks = [SCORED_AS.get(task, task) for task in record["tasks"]]
         if (record.get("model") or {}).get("training_mode") == "lifelong" and record.get("base"):
             known = ModelRef(record["base"], record["base"]).trained_tasks()
             return None if known is None else [*known, *(task for task in tasks if task not in known)]

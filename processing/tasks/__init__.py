@@ -10,11 +10,12 @@ of this package registers one task when imported:
     speech_translation  speech -> English text (Whisper's translate task on a manifest of translations)
     video_to_text       sign-language keypoints -> text (fingerspelled words, the encoder's pose front-end)
     modular_arithmetic  "a + b" -> "(a + b) mod p" as text, the grokking task (exact-match accuracy on held-out pairs)
+    distillation        speech -> text, a Distil-Whisper student trained on its teacher's pseudo-labels
 """
 
 # importing a task's module registers it
-from processing.tasks import asr, modular_arithmetic, speech_translation, translation, tts, video_to_text
+from processing.tasks import asr, distillation, modular_arithmetic, speech_translation, translation, tts, video_to_text
 from processing.tasks.base import Task, TaskContext, TaskData, get_task, register_task, task_names
 
-__all__ = ["Task", "TaskContext", "TaskData", "asr", "get_task", "modular_arithmetic", "register_task",
+__all__ = ["Task", "TaskContext", "TaskData", "asr", "distillation", "get_task", "modular_arithmetic", "register_task",
            "speech_translation", "task_names", "translation", "tts", "video_to_text"]  # fmt: skip
