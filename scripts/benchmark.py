@@ -19,6 +19,9 @@ Measures, each as a median over repeats and as a ratio to its baseline:
   runs them with no options (sequential long-form, greedy, WhisperMoE's LONG_FORM_DEFAULTS, which the dense
   Whisper gets passed), and faster-whisper's sequential `transcribe` at the same beam size with its own fallback
   defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense);
+- speculative decoding (`--sections speculative --assistant STUDENT`): --moe alone, the student alone, and --moe with
+  the student as its assistant, the same --limit clips one at a time (greedy), with how many assisted transcripts
+  are exactly the teacher's, as ratios to the teacher's time;
 - Test-Time-Training (`--sections ttt`): one layer at --moe's width over 1,500 (Whisper's encoder frames), 6,000 and
   24,000 tokens (--ttt-tokens), batch 1: causal attention (PyTorch's scaled-dot-product kernel), TTT-Linear and
   TTT-MLP (causal, mini-batch 16), forward alone and forward + backward, time and peak memory, each measured in a
@@ -81,7 +84,8 @@ TRAIN_LABEL_TOKENS = 24  # label length of the synthetic training batch
 VARIANT_PATTERN = re.compile(r"(\d+)x(\d+)(?:-seg(\d+))?(?:-shared(\d+))?")  # ExK[-segM][-sharedS]
 # all but the last have the active parameters of two dense blocks per token; 8x2-shared1 (the shared preset) has three
 DEFAULT_VARIANTS = ("8x2", "8x2-seg4", "8x1-shared1", "8x1-seg4-shared1", "8x2-shared1")
-SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form", "ttt")
+SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form", "ttt", "speculative")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # speculative needs a student (--assistant)
 TTT_SYSTEMS = ("attention", "ttt-linear", "ttt-mlp")
 DENSE_SECTIONS = ("transcription", "training")  # the ones that time the dense source next to the MoE
 
@@ -179,9 +183,15 @@ def _block_step(block: torch.nn.Module, hidden: torch.Tensor) -> None:
     block(hidden[None]).square().mean().backward()
 
 
-def _transcribe(asr, audio: list[np.ndarray], batch: int, max_new_tokens: int | None = None) -> list[str]:
+def _transcribe(
+    asr, audio: list[np.ndarray], batch: int, max_new_tokens: int | None = None, assistant=None
+) -> list[str]:
+    """Greedy transcripts of `audio` through the pipeline `asr`; `assistant`: a student model drafting tokens for
+    it (speculative decoding, batch 1)."""
     inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]  # fresh: the pipeline pops keys
     options = {"num_beams": 1} if max_new_tokens is None else {"num_beams": 1, "max_new_tokens": max_new_tokens}
+    if assistant is not None:
+        options["assistant_model"] = assistant
     return [out["text"] for out in asr(inputs, batch_size=batch, generate_kwargs=options)]
 
 
@@ -253,18 +263,41 @@ def bench_transcription(
     return rows
 
 
-def _transcription_row(asr, benchmark: str, system: str, audio: list[np.ndarray], references: list[str], batch: int):
-    """Time one pipeline transcribing `audio` at `batch` (after a one-clip warm-up): a row of the speed table."""
+def _transcription_row(
+    asr, benchmark: str, system: str, audio: list[np.ndarray], references: list[str], batch: int, assistant=None
+) -> dict:
+    """Time one pipeline transcribing `audio` at `batch` (after a one-clip warm-up): a row of the speed table, with
+    the transcripts (`texts`, in the JSON only)."""
     audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
-    _transcribe(asr, audio[:1], batch)  # warm-up
+    _transcribe(asr, audio[:1], batch, assistant=assistant)  # warm-up
     with PeakMemory() as memory:
         start = time.perf_counter()
-        texts = _transcribe(asr, audio, batch)
+        texts = _transcribe(asr, audio, batch, assistant=assistant)
         seconds = time.perf_counter() - start
     tokens = sum(len(asr.tokenizer(text).input_ids) for text in texts)
     return {"benchmark": benchmark, "system": system, "seconds": seconds, "rtf": seconds / audio_seconds,
             "tokens_per_s": tokens / seconds, "peak_mb": memory.megabytes,
-            "wer": _word_error_rate(references, texts)}  # fmt: skip
+            "wer": _word_error_rate(references, texts), "texts": texts}  # fmt: skip
+
+
+def bench_speculative(moe_folder: str, student_folder: str, manifest: Path, limit: int) -> list[dict]:
+    """The teacher alone, its student alone, and the teacher with the student as assistant (speculative decoding),
+    each transcribing the same clips one at a time, greedy, in this process; the assisted row says how many of its
+    transcripts are exactly the teacher's."""
+    dataset = read_manifest(manifest).select(range(limit))
+    audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
+    references = list(dataset["text"])
+    benchmark = f"transcribe {limit} clips ({sum(len(clip) for clip in audio) / SAMPLING_RATE:.0f} s), batch 1"
+    teacher = pipeline("automatic-speech-recognition", model=moe_folder, trust_remote_code=True)
+    student = pipeline("automatic-speech-recognition", model=student_folder, trust_remote_code=True)
+    rows = [_transcription_row(teacher, benchmark, "teacher", audio, references, 1),
+            _transcription_row(student, benchmark, "student", audio, references, 1),
+            _transcription_row(teacher, benchmark, "teacher + assistant", audio, references, 1,
+                               assistant=student.model)]  # fmt: skip
+    same = sum(mine == theirs for mine, theirs in zip(rows[2]["texts"], rows[0]["texts"]))
+    rows[2]["system"] += f" ({same}/{limit} transcripts = teacher's)"
+    rows[2]["identical_to_teacher"] = same
+    return _with_ratio(rows, baseline="teacher")
 
 
 def _faster_whisper_row(
@@ -609,13 +642,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--packed-moe", help="a WhisperMoE fine-tuned with variable_length_audio (short clips)")
     parser.add_argument("--long-form", type=Path, default=DEFAULT_LONG_FORM, help="manifest of recordings > 30 s")
     parser.add_argument("--long-form-limit", type=int, help="recordings to transcribe (default: all)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to time")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), help="what to time")
     parser.add_argument("--growth-experts", type=int, default=2, help="growth: experts added per decoder layer")
     parser.add_argument("--peer-keys", type=int, default=128, help="growth: PEER sub-keys (keys^2 experts per layer)")
     parser.add_argument("--peer-heads", type=int, default=4, help="growth: PEER retrieval heads")
     parser.add_argument("--peer-experts-per-head", type=int, default=16, help="growth: PEER top-k per head")
     parser.add_argument("--peer-key-dim", type=int, default=128, help="growth: PEER query width")
     parser.add_argument("--ttt-tokens", type=int, nargs="+", default=[1500, 6000, 24000], help="ttt: lengths")
+    parser.add_argument("--assistant", help="speculative: a student folder of --moe (make-student, distillation)")
     parser.add_argument("--output-json", type=Path)
     args = parser.parse_args(argv)
     if args.variants is None and args.moe is None:
@@ -626,6 +660,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants = args.variants or list(DEFAULT_VARIANTS)
         for name in args.variants:
             variant_options(name)  # a typo fails before the slow part
+    elif "speculative" in args.sections and args.assistant is None:
+        parser.error("--sections speculative times --moe with a student as its assistant: give --assistant")
     elif args.dense is None and set(args.sections) & set(DENSE_SECTIONS):
         parser.error(f"--dense is needed by the sections {list(DENSE_SECTIONS)}")
     return args
@@ -661,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_long_form(models, args.faster_whisper, args.long_form, args.long_form_limit)
     if "ttt" in args.sections:
         rows += bench_ttt(moe_config.d_model, moe_config.encoder_attention_heads, args.ttt_tokens, args.repeats)
+    if "speculative" in args.sections:
+        rows += bench_speculative(args.moe, args.assistant, args.manifest, args.limit)
     print(markdown(rows))
     _write_json(args, rows)
     return 0
