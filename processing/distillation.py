@@ -158,7 +158,9 @@ class EncoderStateCache:
         if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != info:
             raise ValueError(f"{self.folder} caches the encoder {json.loads(path.read_text())}, not {info}; remove it "
                              "or give another output_dir.")  # fmt: skip
-        path.write_text(json.dumps(info) + "\n", encoding="utf-8")
+        if not path.is_file():
+            with atomic_write(path) as staging:
+                staging.write_text(json.dumps(info) + "\n", encoding="utf-8")
 
     def file(self, clip: str) -> Path:
         return self.folder / f"{hashlib.sha1(clip.encode()).hexdigest()}.npy"
@@ -341,5 +343,6 @@ class DistillationTrainer(WhisperMoETrainer):
         # the Trainer may scale the model's loss (tokens averaged over processes): the objective gets the same factor
         scale = loss.detach() / outputs.loss.detach()
         if model.training:
-            self._logged["kl"].append(float(parts["kl"].detach()))
+            for name in ("ce", "kl"):
+                self._logged[name].append(float(parts[name].detach()))
         return (parts["loss"] * scale, outputs) if return_outputs else parts["loss"] * scale
