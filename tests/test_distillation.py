@@ -256,24 +256,24 @@ result = {"student_layers": assistant.config.decoder_layers,
 
 @pytest.mark.slow
 def test_a_distilled_student_drafts_the_teachers_own_transcripts(tiny_en_moe, data_dir, tmp_path):
-    """Real tiny.en 8x2 teacher, 4 LJSpeech clips and 2 sentences espeak-ng speaks, 2 steps of the CPU recipe; then,
+    """Real tiny.en 8x2 teacher, 2 LJSpeech clips and 1 sentence espeak-ng speaks, 2 steps of the CPU recipe; then,
     with this package not importable, the student folder loads and, as the pipeline's assistant, gives exactly the
     teacher's greedy transcripts of real speech."""
     from processing import train
 
-    _clips_manifest(data_dir, tmp_path / "clips.csv", rows=4)
+    _clips_manifest(data_dir, tmp_path / "clips.csv", rows=2)
     sentences = tmp_path / "sentences.csv"
     sentences.write_text("id,en\n1,The cat sat on the mat.\n2,I like green tea.\n3,Where is the station?\n")
     out = tmp_path / "student"
     train.main([str(RECIPE), "--model_name_or_path", str(tiny_en_moe), "--output_dir", str(out),
                 "--distill_manifest", str(tmp_path / "clips.csv"), "--spoken_sentences_csv", str(sentences),
-                "--spoken_sentences", "2", "--max_steps", "2", "--per_device_train_batch_size", "2",
+                "--spoken_sentences", "1", "--max_steps", "2", "--per_device_train_batch_size", "2",
                 "--save_strategy", "no", "--max_label_length", "64"])  # fmt: skip
     labels = list(csv.DictReader(open(out / "distillation" / "pseudo_labels.csv")))
-    assert len(labels) == 6 and all(row["wer"] != "" for row in labels)
-    assert sum(float(row["wer"]) <= 10.0 for row in labels) >= 3  # a real teacher gets most of them right
-    assert len(list((out / "distillation" / "encoder_states").glob("*.npy"))) == 6
-    speech = [data_dir / "librispeech" / "test-other" / "1688" / "142285" / f"1688-142285-000{i}.flac" for i in (1, 2)]
+    assert len(labels) == 3 and all(row["wer"] != "" for row in labels)
+    assert sum(float(row["wer"]) <= 10.0 for row in labels) >= 2  # a real teacher gets most of them right
+    assert len(list((out / "distillation" / "encoder_states").glob("*.npy"))) == 3
+    speech = [data_dir / "librispeech" / "test-other" / "1688" / "142285" / "1688-142285-0001.flac"]
     result = run_without_package(SPECULATIVE_SCRIPT, tiny_en_moe, out, *speech, tmp_path=tmp_path)
     assert result["leaked"] == [] and result["student_layers"] == 2
     assert result["assisted"] == result["alone"] and all(text.strip() for text in result["alone"])
