@@ -29,6 +29,7 @@ from transformers.models.whisper.modeling_whisper import (
     WhisperPositionalEmbedding,
     WhisperPreTrainedModel,
     shift_tokens_right,
+    sinusoids,
 )
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -660,6 +661,14 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
             module.init_weights()
         elif isinstance(module, ECHO_MODULES):  # after their children: zero output layers win
             module.init_weights()
+        elif isinstance(module, EncoderSinusoids):  # after Embedding's normal init: Whisper's sinusoids win
+            init.copy_(module.weight, sinusoids(*module.weight.shape))
+
+
+class EncoderSinusoids(nn.Embedding):
+    """Whisper's fixed sinusoidal encoder position table. Its own class so that `_init_weights` gives a model built
+    from a config the sinusoids: transformers copies them in when it initialises the encoder, but skips an encoder of
+    custom code as it holds no parameters of its own, which left the table random (and frozen)."""
 
 
 def _router_recorder() -> dict:
@@ -681,8 +690,8 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         self.embed_scale = embed_dim**0.5 if config.scale_embedding else 1.0
         self.conv1 = nn.Conv1d(self.num_mel_bins, embed_dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(embed_dim, embed_dim, kernel_size=3, stride=ENCODER_DOWNSAMPLING, padding=1)
-        sinusoids = nn.Embedding(self.max_source_positions, embed_dim).requires_grad_(False)  # Whisper's, fixed
-        self.embed_positions = position_table(config, "encoder", sinusoids)
+        whisper_table = EncoderSinusoids(self.max_source_positions, embed_dim).requires_grad_(False)  # fixed
+        self.embed_positions = position_table(config, "encoder", whisper_table)
         if config.text_frontend:
             self.embed_text_tokens = nn.Embedding(config.vocab_size, embed_dim, self.padding_idx)
             self.embed_text_positions = nn.Embedding(config.max_text_positions, embed_dim)

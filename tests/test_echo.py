@@ -275,7 +275,7 @@ def test_bias_and_window_refuse_an_attention_that_cannot_add_them():
 def test_elements_apply_to_the_side_a_dict_names():
     model = tiny_moe(**LONG, position_embedding_type={"decoder": "rotary"}, conv_module={"encoder": True})
     encoder, decoder = model.model.encoder, model.model.decoder
-    assert type(encoder.embed_positions).__name__ == "Embedding"
+    assert type(encoder.embed_positions).__name__ == "EncoderSinusoids"  # Whisper's table
     assert type(decoder.embed_positions).__name__ == "NoPositionalEmbedding"
     assert type(encoder.layers[0].self_attn).__name__ == "WhisperAttention"
     assert decoder.layers[0].self_attn.rotary is not None

@@ -262,3 +262,16 @@ def test_routing_counts_count_real_tokens_only():
     real = routing_counts(model, [batch])
     assert real["model.encoder.layers.0.mlp"].sum() == (5 + positions) * top_k
     assert real["model.decoder.layers.0.mlp"].sum() == (5 + 3) * top_k
+
+
+def test_a_model_built_from_a_config_has_whispers_encoder_sinusoids_and_loading_keeps_a_saved_table(tmp_path):
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    table = tiny_moe().model.encoder.embed_positions.weight
+    assert torch.equal(table, sinusoids(*table.shape)) and not table.requires_grad
+    model = tiny_moe()
+    with torch.no_grad():
+        model.model.encoder.embed_positions.weight.mul_(2.0)  # a saved table the init must not overwrite
+    model.save_pretrained(tmp_path)
+    loaded = WhisperMoEForConditionalGeneration.from_pretrained(tmp_path).model.encoder.embed_positions.weight
+    assert torch.equal(loaded, 2.0 * sinusoids(*table.shape))
