@@ -382,14 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.set_defaults(run=_quantize)
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files through the ASR pipeline")
-    transcribe.add_argument("model", help="a WhisperMoE (or Whisper) folder or Hub id")
-    transcribe.add_argument("audio", nargs="+", help="audio files: wav, flac, mp3, m4a, ogg, video with sound")
-    transcribe.add_argument("--language", help="e.g. en, de; detected when omitted (multilingual models)")
+    _decoding_arguments(transcribe, "audio", nargs="+", help="audio files: wav, flac, mp3, m4a, ogg, video with sound")
     transcribe.add_argument("--task", choices=["transcribe", "translate"])
     transcribe.add_argument("--timestamps", action="store_true", help="print segment timestamps")
     transcribe.add_argument("--chunk-length-s", type=float, default=0, help="chunked long-form, e.g. 30 (0: off)")
-    transcribe.add_argument("--batch-size", type=int, default=1)
-    transcribe.add_argument("--num-beams", type=int, default=1)
     transcribe.add_argument("--assistant", help="a student folder (make-student) for speculative decoding")
     transcribe.add_argument("--device", default=None, help="e.g. cpu, cuda:0")
     transcribe.add_argument("--json", action="store_true", help="one JSON object per file")
@@ -399,16 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
         "transcribe-manifest",
         help="transcribe a CSV manifest to JSON lines: resumable, splits over `accelerate launch` processes",
     )
-    manifest.add_argument("model", help="a WhisperMoE (or Whisper) folder or Hub id")
-    manifest.add_argument("manifest", help="CSV with a path column (relative to the CSV's folder)")
+    _decoding_arguments(manifest, "manifest", help="CSV with a path column (relative to the CSV's folder)")
     manifest.add_argument("output", help="JSON lines, one {index, audio, text} per row; rows it holds are skipped")
-    manifest.add_argument("--batch-size", type=int, default=1)
-    manifest.add_argument("--num-beams", type=int, default=1)
-    manifest.add_argument("--language", help="e.g. en, de; detected when omitted (multilingual models)")
     manifest.add_argument("--device", default=None, help="e.g. cpu; each process's own GPU by default")
     manifest.add_argument("--no-progress", action="store_true", help="no progress bar")
     manifest.set_defaults(run=_transcribe_manifest)
     return parser
+
+
+def _decoding_arguments(command: argparse.ArgumentParser, inputs: str, **input_options) -> None:
+    """The model and its input positionals, and the decoding options every transcribing command shares."""
+    command.add_argument("model", help="a WhisperMoE (or Whisper) folder or Hub id")
+    command.add_argument(inputs, **input_options)
+    command.add_argument("--language", help="e.g. en, de; detected when omitted (multilingual models)")
+    command.add_argument("--batch-size", type=int, default=1)
+    command.add_argument("--num-beams", type=int, default=1)
 
 
 def main(argv: list[str] | None = None) -> int:
