@@ -103,6 +103,12 @@ class WhisperMoEConfig(WhisperConfig):
         With `variable_length_audio`, pack several clips into one encoder sequence (up to `max_source_positions`)
         with a block-diagonal attention mask, so no compute goes to padding; `False` pads each clip to the batch's
         longest instead. Both give the same outputs.
+    pack_pose (`bool`, defaults to `True`):
+        With `pose_frontend`, run a batch of keypoint clips packed (packing.plan_clip_packing): the clips laid end to
+        end in rows no longer than the batch's longest clip, each frame keeping its clip's positions 0..len-1, with a
+        block-diagonal attention mask, so the encoder's layers and experts see only real frames; `False` pads each
+        clip to the longest. Both give the same outputs. Not with encoder TTT layers, an encoder `conv_module` or
+        encoder `global_tokens`: they would read across the clips of a row.
     text_frontend (`bool`, defaults to `False`):
         Give the encoder a text front-end next to the audio one: a token embedding of width `d_model` and learned
         text positions, so the encoder takes `input_ids` + `attention_mask` as well as `input_features` and the same
@@ -264,6 +270,7 @@ class WhisperMoEConfig(WhisperConfig):
     quantization: dict | None = None
     variable_length_audio: bool = False
     pack_audio: bool = True
+    pack_pose: bool = True
     text_frontend: bool = False
     max_text_positions: int = 448
     pose_frontend: bool = False
@@ -343,6 +350,7 @@ class WhisperMoEConfig(WhisperConfig):
         self.check_ttt()
         self.wavenet_settings()
         self.check_echo()
+        self.check_pose_packing()
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}.")
         for side, num_layers in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
@@ -382,6 +390,23 @@ class WhisperMoEConfig(WhisperConfig):
                 f"encoder_ttt_layers={self.encoder_ttt_layers} cannot be used with variable_length_audio: a TTT layer "
                 "reads its whole row, and packed rows hold several clips."
             )
+
+    def check_pose_packing(self, pose_frontend: bool | None = None) -> None:
+        """Raise `ValueError` naming the offending value if packed pose clips (`pack_pose`) would read each other;
+        `pose_frontend` checks a front-end about to be added (default: the config's own)."""
+        if not ((self.pose_frontend if pose_frontend is None else pose_frontend) and self.pack_pose):
+            return
+        readers = {
+            "encoder_ttt_layers": self.encoder_ttt_layers,
+            "conv_module": self.echo_setting("conv_module", "encoder"),
+            "global_tokens": self.echo_setting("global_tokens", "encoder"),
+        }
+        for name, value in readers.items():
+            if value:
+                raise ValueError(
+                    f"encoder {name}={value!r} cannot be used with packed pose clips: a packed row holds several "
+                    "clips (set pack_pose=False)."
+                )
 
     def wavenet_settings(self) -> dict | None:
         """`wavenet_branch` with its defaults filled in (None: no branch); raises `ValueError` naming an impossible

@@ -38,7 +38,7 @@ from .echo import ECHO_MODULES, EchoSelfAttention, convolution_module, needs_ech
 from .generation_whisper_moe import WhisperMoEGenerationMixin, language_token_id, text_decoder_prompt
 from .hub import HubSavingMixin
 from .model_card import model_card
-from .packing import block_diagonal_mask, pack, plan_packing, unpack
+from .packing import block_diagonal_mask, pack, plan_clip_packing, plan_packing, unpack
 from .peer import PEER, peer_blocks
 from .pose import PoseFrontend, add_pose_frontend
 from .quantization import quantize_model
@@ -768,7 +768,9 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         self, pose_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> "WhisperMoEEncoderOutput":
         """(batch, frames, 27, 4) keypoints with visibility (pose.pose_values) and (batch, frames) mask ->
-        last_hidden_state (batch, frames, d_model) through every encoder layer; the mask comes back with it."""
+        last_hidden_state (batch, frames, d_model) through every encoder layer; the mask comes back with it. With
+        `config.pack_pose` the clips run packed (right padding only), zeros past each clip's end; either way each
+        clip's output is what it would get alone."""
         if not self.config.pose_frontend:
             raise ValueError("This model has no pose front-end (config.pose_frontend=False).")
         frames = pose_values.shape[1]
@@ -780,7 +782,25 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
             attention_mask = torch.ones(pose_values.shape[:2], dtype=torch.long, device=pose_values.device)
         positions = self.embed_positions(torch.arange(frames, device=pose_values.device))  # (frames, d_model)
         hidden_states = self.embed_pose(pose_values, positions)
+        if self.config.pack_pose:
+            return self._encode_packed(hidden_states, attention_mask, **kwargs)
         return self._encode_embedded(hidden_states, attention_mask, self.layers, **kwargs)
+
+    def _encode_packed(self, hidden_states, attention_mask, **kwargs) -> "WhisperMoEEncoderOutput":
+        """A front-end's right-padded (batch, len, d_model) inputs through every layer packed (plan_clip_packing),
+        then back in the padded layout; router_mask marks the packed rows' real tokens for the router losses."""
+        batch_size, seq_len, _ = hidden_states.shape
+        packing = plan_clip_packing(attention_mask)
+        hidden_states = F.dropout(pack(hidden_states, packing), p=self.dropout, training=self.training)
+        self_attention_mask = self._attention_mask(block_diagonal_mask(packing), hidden_states.dtype)
+        for encoder_layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
+        hidden_states = unpack(self.layer_norm(hidden_states), packing, batch_size, seq_len)
+        return WhisperMoEEncoderOutput(
+            last_hidden_state=hidden_states, attention_mask=attention_mask, router_mask=packing.real.reshape(-1).long()
+        )
 
     def _encode_embedded(self, hidden_states, attention_mask, layers, **kwargs) -> "WhisperMoEEncoderOutput":
         """A front-end's (batch, len, d_model) inputs through `layers` with padding masked; the mask comes back for
@@ -856,7 +876,8 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         if implementation == "eager":
             return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
         raise ValueError(
-            f"variable_length_audio runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}."
+            f"variable_length_audio and packed pose clips run with attn_implementation 'sdpa' or 'eager', not "
+            f"{implementation!r}."
         )
 
 
@@ -866,7 +887,7 @@ class WhisperMoEEncoderOutput(BaseModelOutput):
 
     attention_mask: (batch, seq_len), 1 on real positions; the decoder's cross-attention skips the rest.
     router_mask: (routed tokens,), 1 on the tokens the router losses count, when they are not `attention_mask`'s
-    (packed audio rows); None for text.
+    (packed audio or pose rows); None for text.
     """
 
     attention_mask: torch.Tensor | None = None
@@ -907,7 +928,7 @@ class WhisperMoEModelOutput(Seq2SeqModelOutput):
     encoder_router_logits: tuple[torch.Tensor, ...] | None = None
     decoder_router_logits: tuple[torch.Tensor, ...] | None = None
     encoder_attention_mask: torch.Tensor | None = None  # (batch, text_len) for text input; None for audio
-    encoder_router_mask: torch.Tensor | None = None  # (routed tokens,) for variable-length audio
+    encoder_router_mask: torch.Tensor | None = None  # (routed tokens,) for variable-length audio, packed poses
 
 
 @dataclass
@@ -1197,7 +1218,7 @@ class WhisperMoEForConditionalGeneration(
         encoder_mask = attention_mask[:, ::ENCODER_DOWNSAMPLING] if attention_mask is not None else None
         if outputs.encoder_attention_mask is not None:  # text or poses: the mask already covers encoder positions
             encoder_mask = outputs.encoder_attention_mask
-        if outputs.encoder_router_mask is not None:  # variable-length audio: the tokens the router saw
+        if outputs.encoder_router_mask is not None:  # variable-length audio, packed poses: the tokens routed
             encoder_mask = outputs.encoder_router_mask[None]
         if decoder_attention_mask is None and labels is not None:
             decoder_attention_mask = labels != IGNORE_INDEX

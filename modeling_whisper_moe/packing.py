@@ -4,6 +4,11 @@ Whisper pads every clip to 30 s (1500 encoder positions), so a 0.5 s clip spends
 silence. With variable-length encoding each clip keeps only its real positions; packing then lays the clips of a
 batch end to end in as few rows as fit `capacity` positions (first-fit decreasing), with a block-diagonal attention
 mask, so no compute is spent on padding at all. `unpack` puts the positions back where the padded layout has them.
+
+Sign-language keypoint clips (one encoder position per frame) pack the same way with `plan_clip_packing`, into rows
+no longer than the batch's longest clip: the block-diagonal mask runs on a dense attention kernel, whose cost grows
+with the row's length squared, so rows as long as the padded ones keep each position's attention cost what padding
+pays while the rows themselves, and the feed-forward and experts' work, shrink to the real frames.
 """
 
 from dataclasses import dataclass
@@ -54,6 +59,22 @@ def plan_packing(lengths: torch.Tensor, seq_len: int, capacity: int) -> Packing:
             segment[row, offset : offset + size] = clip
             offset += size
     return Packing(source=source.to(lengths.device), segment=segment.to(lengths.device))
+
+
+def plan_clip_packing(attention_mask: torch.Tensor) -> Packing:
+    """Pack right-padded clips, `attention_mask` (batch, seq_len) with 1 on real positions, into rows of at most the
+    longest clip's length."""
+    lengths = attention_mask.sum(-1)
+    if bool((lengths == 0).any()):
+        raise ValueError("A clip has no real positions (its attention_mask row is all zeros); drop it before packing.")
+    seq_len = attention_mask.shape[1]
+    real = torch.arange(seq_len, device=lengths.device)[None] < lengths[:, None]
+    if not torch.equal(real, attention_mask.bool()):
+        raise ValueError(
+            "Packing takes right-padded clips (each clip's real positions first), but attention_mask has a 0 before a "
+            "1; pad on the right."
+        )
+    return plan_packing(lengths, seq_len, int(lengths.max()))
 
 
 def pack(hidden_states: torch.Tensor, packing: Packing) -> torch.Tensor:

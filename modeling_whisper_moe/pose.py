@@ -135,6 +135,7 @@ def add_pose_frontend(model: nn.Module) -> nn.Module:
     text inputs are untouched."""
     encoder = model.get_encoder()
     if not model.config.pose_frontend:
+        model.config.check_pose_packing(pose_frontend=True)
         reference = encoder.layer_norm.weight
         encoder.embed_pose = PoseFrontend(model.config).to(reference.device, reference.dtype)
         model.config.pose_frontend = True

@@ -13,7 +13,7 @@ import torch
 
 from modeling_whisper_moe.configuration_whisper_moe import WhisperMoEConfig
 from modeling_whisper_moe.modeling_whisper_moe import ENCODER_DOWNSAMPLING, IGNORE_INDEX, expert_shares, token_weights
-from modeling_whisper_moe.packing import plan_packing
+from modeling_whisper_moe.packing import plan_clip_packing, plan_packing
 
 ENTROPY_EPSILON = 1e-9  # keeps log(0) out of the entropy of a one-hot router
 
@@ -22,14 +22,17 @@ def router_token_masks(config: WhisperMoEConfig, batch: Mapping[str, torch.Tenso
     """Bool masks of the real tokens each side's routers see for `batch` (the model's inputs), laid out as the
     router logits' rows: {"encoder": mask or None, "decoder": mask or None}, None where every token is real.
 
-    Encoder: text tokens or pose frames of `attention_mask` (text or pose input); for audio one position per two mel
-    frames of `attention_mask` in a 30 s window, or, with `variable_length_audio`, the clips' real positions as the
-    encoder lays them out (packed when `pack_audio`). Decoder: positions whose label is not IGNORE_INDEX.
+    Encoder: text tokens or pose frames of `attention_mask` (text or pose input; the frames as the encoder packs them
+    when `pack_pose`); for audio one position per two mel frames of `attention_mask` in a 30 s window, or, with
+    `variable_length_audio`, the clips' real positions as the encoder lays them out (packed when `pack_audio`).
+    Decoder: positions whose label is not IGNORE_INDEX.
     """
     labels, attention_mask = batch.get("labels"), batch.get("attention_mask")
     decoder = labels.ne(IGNORE_INDEX) if labels is not None and batch.get("decoder_input_ids") is None else None
     if attention_mask is None:
         encoder = None
+    elif batch.get("pose_values") is not None and config.pack_pose:  # frames laid out as the encoder packs them
+        encoder = plan_clip_packing(attention_mask).real
     elif batch.get("input_ids") is not None or batch.get("pose_values") is not None:  # one position per token/frame
         encoder = attention_mask.bool()
     elif config.variable_length_audio:

@@ -26,6 +26,12 @@ Measures, each as a median over repeats and as a ratio to its baseline:
   24,000 tokens (--ttt-tokens), batch 1: causal attention (PyTorch's scaled-dot-product kernel), TTT-Linear and
   TTT-MLP (causal, mini-batch 16), forward alone and forward + backward, time and peak memory, each measured in a
   fresh process so one row's allocations cannot hide another's peak; ratios to attention at the same length;
+- packed pose clips (`--sections pose_packing`, no --dense needed): --moe with a pose front-end (new random weights:
+  the time does not depend on them) on --pose-clips fingerspelled words composed as the fingerspelling-ase recipe
+  composes its training words (processing/sign_data.py), in batches of each of --pose-batches, padded to each batch's
+  longest clip vs packed (`config.pack_pose`), the same clips and batches: the encoder alone, greedy generation of
+  POSE_NEW_TOKENS tokens, and one training step (forward + backward, no optimizer), with the largest difference of
+  the outputs on real frames, of the generated tokens and of the loss;
 With --variants, only this instead: MoE variants upcycled in memory from --dense (coarse, fine-grained with
 `expert_segments`, with shared experts), their sizes, then each one's transcription of the same clips at each of
 --variant-batches and one training step on the same batch (frozen encoder, as configuration/recipes/asr-finetune.json),
@@ -33,9 +39,11 @@ as ratios to the first variant, the dense source alongside.
 Prints a markdown table and writes JSON. A benchmark, not a test: numbers depend on the machine and its load.
 
     python scripts/benchmark.py --sections growth --moe checkpoints/whisper-moe-tiny.en --limit 16 --batch-size 8
+    python scripts/benchmark.py --sections pose_packing --moe checkpoints/whisper-moe-tiny.en
 """
 
 import argparse
+import copy
 import json
 import multiprocessing
 import os
@@ -64,11 +72,16 @@ from modeling_whisper_moe.generation_whisper_moe import LONG_FORM_DEFAULTS
 from modeling_whisper_moe.growth import grow_experts, grow_peer
 from modeling_whisper_moe.model_card import count_parameters
 from modeling_whisper_moe.modeling_whisper_moe import WhisperMoESparseBlock
+from modeling_whisper_moe.packing import plan_clip_packing
 from modeling_whisper_moe.pipeline_whisper_moe import WhisperMoEASRPipeline
+from modeling_whisper_moe.pose import pose_values
 from modeling_whisper_moe.processing_whisper_moe import log_mel_30s
 from processing import read_manifest
 from processing.lifelong import apply_lifelong_mode
 from processing.metrics import english_normalizer, error_rates
+from processing.sign_data import Augmentation, PoseCollator, compose, read_lexicon, split_words, words_from_sentences
+from processing.tasks.translation import add_text_languages
+from processing.tasks.video_to_text import OUTPUT_LANGUAGE as VIDEO_TO_TEXT_LANGUAGE
 from processing.training import apply_training_mode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +97,13 @@ TRAIN_LABEL_TOKENS = 24  # label length of the synthetic training batch
 VARIANT_PATTERN = re.compile(r"(\d+)x(\d+)(?:-seg(\d+))?(?:-shared(\d+))?")  # ExK[-segM][-sharedS]
 # all but the last have the active parameters of two dense blocks per token; 8x2-shared1 (the shared preset) has three
 DEFAULT_VARIANTS = ("8x2", "8x2-seg4", "8x1-shared1", "8x1-seg4-shared1", "8x2-shared1")
-SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form", "ttt", "speculative")
+SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form", "ttt", "pose_packing",
+            "speculative")  # fmt: skip
 DEFAULT_SECTIONS = SECTIONS[:-1]  # speculative needs a student (--assistant)
+POSE_WORDS = tuple(
+    REPO_ROOT.parent / "shared" / "data" / "translation" / f"tatoeba_en_{language}.csv" for language in ("de", "fr")
+)  # the words configuration/recipes/fingerspelling-ase.json spells
+POSE_NEW_TOKENS = 12  # a word of 5-6 letters spelled one token each; a random front-end never ends one early
 TTT_SYSTEMS = ("attention", "ttt-linear", "ttt-mlp")
 DENSE_SECTIONS = ("transcription", "training")  # the ones that time the dense source next to the MoE
 
@@ -369,10 +387,14 @@ def _with_ratio(rows: list[dict], baseline: str) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     """One table of every row; parameter columns (millions, total and used per token) when a row counts them."""
     counts = any("params" in row for row in rows)
+    differences = any("max_difference" in row for row in rows)
     lines = [
         "| benchmark | system | seconds | RTF | tokens/s | clips/s | peak MB | WER % | time vs baseline |"
-        + (" params M | active/token M |" if counts else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if counts else ""),
+        + (" params M | active/token M |" if counts else "")
+        + (" encoder positions | max difference |" if differences else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if counts else "")
+        + ("---:|---:|" if differences else ""),
     ]
     for row in rows:
         ratio = next((value for key, value in row.items() if key.startswith("vs_")), None)
@@ -383,6 +405,8 @@ def markdown(rows: list[dict]) -> str:
         )
         if counts:
             line += f" {_fmt(_millions(row.get('params')), 2)} | {_fmt(_millions(row.get('active_params')), 2)} |"
+        if differences:
+            line += f" {row.get('frames', '')} | {_fmt(row.get('max_difference'), 7)} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -457,6 +481,97 @@ def bench_short_clips(moe_folder: str, packed_folder: str | None, manifest: Path
                               "seconds": seconds, "rtf": seconds / audio_seconds, "clips_per_s": limit / seconds,
                               "peak_mb": memory.megabytes, "wer": wer})  # fmt: skip
     return _with_ratio(encoder_rows, "30 s padding") + _with_ratio(pipeline_rows, "30 s padding")
+
+
+def fingerspelled_clips(count: int, seed: int) -> list[np.ndarray]:
+    """`count` (frames, 27, 4) clips of ASL fingerspelled words drawn as the fingerspelling-ase recipe draws its
+    training words: a word of POSE_WORDS spellable by the lexicon, composed with the default augmentation."""
+    lexicon = read_lexicon("ase")
+    words, _ = split_words(words_from_sentences(POSE_WORDS), set(lexicon))
+    rng = np.random.default_rng(seed)
+    clips = []
+    for _ in range(count):
+        keypoints, visible = compose(words[int(rng.integers(len(words)))], lexicon, rng, Augmentation())
+        clips.append(pose_values(keypoints, visible))
+    return clips
+
+
+def bench_pose_packing(moe_folder: str, clips: list[np.ndarray], batch_sizes: list[int], repeats: int) -> list:
+    """Padded to each batch's longest clip vs packed, on the same batches: see the module docstring."""
+    padded = WhisperMoEForConditionalGeneration.from_pretrained(moe_folder, pack_pose=False).add_pose_frontend().eval()
+    tokenizer = WhisperMoEProcessor.from_pretrained(moe_folder).tokenizer
+    add_text_languages(padded.generation_config, tokenizer, (VIDEO_TO_TEXT_LANGUAGE,))  # as the video_to_text task
+    packed = copy.deepcopy(padded)
+    packed.config.pack_pose = True
+    systems = {"padded to longest": padded, "packed": packed}
+    frames = [len(clip) for clip in clips]
+    rows = []
+    for batch in batch_sizes:
+        batches = [PoseCollator()([{"pose_values": clip, "labels": [0] * (POSE_NEW_TOKENS + 1)} for clip in chunk])
+                   for chunk in _chunks(clips, batch)]  # fmt: skip
+        packed_frames = sum(plan_clip_packing(b["attention_mask"]).real.numel() for b in batches)
+        frames_in = {"padded to longest": sum(b["attention_mask"].numel() for b in batches), "packed": packed_frames}
+        name = f"{len(clips)} clips of {min(frames)}-{max(frames)} frames (mean {np.mean(frames):.0f}), batch {batch}"
+        for task, run, compare in (("encode", _pose_encode, _real_frames_difference),
+                                   (f"encode + generate {POSE_NEW_TOKENS} tokens", _pose_generate, _token_difference),
+                                   ("train step fwd+bwd", _pose_train_step, _loss_difference)):  # fmt: skip
+            outputs = {system: run(model, batches) for system, model in systems.items()}  # also the warm-up
+            times = _interleaved_seconds({system: partial(run, model, batches) for system, model in systems.items()},
+                                         repeats)  # fmt: skip
+            group = [{"benchmark": f"{task}, {name}", "system": system, "seconds": seconds,
+                      "clips_per_s": len(clips) / seconds, "frames": frames_in[system]}
+                     for system, seconds in times.items()]  # fmt: skip
+            group[-1]["max_difference"] = compare(outputs["padded to longest"], outputs["packed"], batches)
+            rows += _with_ratio(group, "padded to longest")
+    return rows
+
+
+def _interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run, the runs taking turns, so that a change in the machine's load hits all alike."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def _pose_encode(model, batches: list[dict]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model.get_encoder()(pose_values=b["pose_values"], attention_mask=b["attention_mask"])[0]
+                for b in batches]  # fmt: skip
+
+
+def _pose_generate(model, batches: list[dict]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model.generate_from_pose(b["pose_values"], b["attention_mask"], language=VIDEO_TO_TEXT_LANGUAGE,
+                                         max_new_tokens=POSE_NEW_TOKENS, min_new_tokens=POSE_NEW_TOKENS, num_beams=1)
+                for b in batches]  # fmt: skip
+
+
+def _pose_train_step(model, batches: list[dict]) -> list[torch.Tensor]:
+    losses = []
+    for inputs in batches:
+        loss = model(**inputs, output_router_logits=True).loss
+        loss.backward()
+        losses.append(loss.detach())
+    model.zero_grad(set_to_none=True)
+    return losses
+
+
+def _real_frames_difference(reference: list, other: list, batches: list[dict]) -> float:
+    return max(float((a - b).abs()[m.bool()].max()) for a, b, m in
+               zip(reference, other, (b["attention_mask"] for b in batches)))  # fmt: skip
+
+
+def _token_difference(reference: list, other: list, batches: list[dict]) -> float:
+    """The share of generated tokens that differ (0 = the same text for every clip)."""
+    return float(sum((a != b).sum() for a, b in zip(reference, other)) / sum(a.numel() for a in reference))
+
+
+def _loss_difference(reference: list, other: list, batches: list[dict]) -> float:
+    return max(float((a - b).abs()) for a, b in zip(reference, other))
 
 
 def _word_error_rate(references: list[str], hypotheses: list[str]) -> float:
@@ -649,6 +764,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-experts-per-head", type=int, default=16, help="growth: PEER top-k per head")
     parser.add_argument("--peer-key-dim", type=int, default=128, help="growth: PEER query width")
     parser.add_argument("--ttt-tokens", type=int, nargs="+", default=[1500, 6000, 24000], help="ttt: lengths")
+    parser.add_argument("--pose-clips", type=int, default=64, help="pose_packing: fingerspelled words to encode")
+    parser.add_argument("--pose-batches", type=int, nargs="+", default=[64, 16], help="pose_packing: batch sizes")
     parser.add_argument("--assistant", help="speculative: a student folder of --moe (make-student, distillation)")
     parser.add_argument("--output-json", type=Path)
     args = parser.parse_args(argv)
@@ -697,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_long_form(models, args.faster_whisper, args.long_form, args.long_form_limit)
     if "ttt" in args.sections:
         rows += bench_ttt(moe_config.d_model, moe_config.encoder_attention_heads, args.ttt_tokens, args.repeats)
+    if "pose_packing" in args.sections:
+        clips = fingerspelled_clips(args.pose_clips, seed=0)
+        rows += bench_pose_packing(args.moe, clips, args.pose_batches, args.repeats)
     if "speculative" in args.sections:
         rows += bench_speculative(args.moe, args.assistant, args.manifest, args.limit)
     print(markdown(rows))

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, run_without_package, tiny_batch, tiny_moe
+from conftest import REPO_ROOT, run_without_package, tiny_batch, tiny_moe, tiny_moe_config
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration
+from modeling_whisper_moe.packing import plan_clip_packing
 from modeling_whisper_moe.pose import (
     BODY_POINTS,
     HAND_POINTS,
@@ -24,6 +25,7 @@ from modeling_whisper_moe.pose import (
     spell,
 )
 from processing.evaluation.video_to_text import alignment, score
+from processing.routing import router_statistics, router_token_masks
 from processing.sign_data import (
     Augmentation,
     FingerspellingDataset,
@@ -119,6 +121,94 @@ def test_the_pose_front_end_ignores_padding_and_leaves_audio_alone(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and reloaded.config.pose_frontend
     with pytest.raises(ValueError, match="pose_values must be"):
         model(pose_values=torch.randn(1, 4, 5, 4), labels=labels[:1])
+
+
+POSE_LENGTHS = [9, 3, 7, 2, 9, 5]  # frames per clip; packed into rows of 9: (9) (9) (7 2) (5 3)
+
+
+def _pose_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (batch, longest, 27, 4) keypoints, garbage past each clip's end, and the (batch, longest) frame mask."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(len(lengths), max(lengths), POSE_KEYPOINTS, 4, generator=generator)
+    return values, (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+
+
+def _packed_and_padded(**overrides):
+    packed = tiny_moe(pose_frontend=True, pack_pose=True, output_router_logits=True, **overrides)
+    padded = tiny_moe(pose_frontend=True, pack_pose=False, output_router_logits=True, **overrides)
+    padded.load_state_dict(packed.state_dict())
+    return packed, padded
+
+
+def test_packed_pose_clips_get_their_padded_and_alone_outputs_routing_and_losses():
+    packed, padded = _packed_and_padded()
+    values, mask = _pose_batch(POSE_LENGTHS)
+    labels = torch.randint(4, 90, (len(POSE_LENGTHS), 5))
+    labels[0, -2:] = -100
+    with torch.no_grad():
+        out_packed = packed(pose_values=values, attention_mask=mask, labels=labels)
+        out_padded = padded(pose_values=values, attention_mask=mask, labels=labels)
+        alone = packed.get_encoder()(pose_values=values[3:4, :2]).last_hidden_state[0]
+    real = mask.bool()
+    encoded = out_packed.encoder_last_hidden_state
+    torch.testing.assert_close(encoded[real], out_padded.encoder_last_hidden_state[real], rtol=1e-5, atol=1e-5)
+    assert encoded[~real].abs().sum() == 0
+    torch.testing.assert_close(encoded[3, :2], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_packed.logits, out_padded.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_packed.aux_loss, out_padded.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_packed.loss, out_padded.loss, rtol=1e-5, atol=1e-6)
+    # each real frame's router logits and experts, found through the packing plan; row padding is masked out
+    packing = plan_clip_packing(mask)
+    assert packing.source.shape == (4, max(POSE_LENGTHS))  # 35 frames in 4 rows of 9 instead of 6 rows
+    layout = router_token_masks(packed.config, {"pose_values": values, "attention_mask": mask})["encoder"]
+    with torch.no_grad():
+        router_mask = packed.get_encoder()(pose_values=values, attention_mask=mask).router_mask
+    assert torch.equal(layout, packing.real) and torch.equal(router_mask, layout.reshape(-1).long())
+    for logits_packed, logits_padded in zip(out_packed.encoder_router_logits, out_padded.encoder_router_logits):
+        at_real = logits_padded[packing.source[packing.real]]  # padded rows are flat (batch * frames) tokens
+        torch.testing.assert_close(logits_packed[packing.real.reshape(-1)], at_real, rtol=1e-5, atol=1e-6)
+        top_packed = logits_packed[packing.real.reshape(-1)].topk(2).indices
+        assert torch.equal(top_packed, at_real.topk(2).indices)
+    stats_packed = router_statistics(out_packed.encoder_router_logits, 2, layout)
+    stats_padded = router_statistics(out_padded.encoder_router_logits, 2, mask)
+    for layer_packed, layer_padded in zip(stats_packed, stats_padded, strict=True):
+        assert layer_packed == pytest.approx(layer_padded, rel=1e-5)
+
+
+def test_packed_pose_clips_train_as_padded_ones_and_refuse_what_reads_across_clips():
+    packed, padded = _packed_and_padded()
+    values, mask = _pose_batch(POSE_LENGTHS, seed=1)
+    labels = torch.randint(4, 90, (len(POSE_LENGTHS), 4))
+    for model in (packed, padded):
+        model(pose_values=values, attention_mask=mask, labels=labels).loss.backward()
+    for (name, weight), other in zip(packed.named_parameters(), padded.parameters()):
+        if weight.grad is not None or other.grad is not None:
+            torch.testing.assert_close(weight.grad, other.grad, rtol=1e-4, atol=1e-6, msg=name)
+    left_padded = mask.flip(-1)
+    with pytest.raises(ValueError, match="right-padded"):
+        packed.get_encoder()(pose_values=values, attention_mask=left_padded)
+    with pytest.raises(ValueError, match="packed pose clips"):
+        tiny_moe_config(pose_frontend=True, conv_module=True, conv_kernel_size=3)
+    tiny_moe_config(pose_frontend=True, conv_module=True, conv_kernel_size=3, pack_pose=False)  # padded: allowed
+    with pytest.raises(ValueError, match="packed pose clips"):
+        tiny_moe(encoder_ttt_layers=[0]).add_pose_frontend()
+
+
+def test_packed_pose_clips_generate_the_text_they_generate_padded(tiny_random_moe):
+    from modeling_whisper_moe import WhisperMoEProcessor
+    from processing.tasks.translation import add_text_languages
+
+    tokenizer = WhisperMoEProcessor.from_pretrained(tiny_random_moe).tokenizer
+    model = WhisperMoEForConditionalGeneration.from_pretrained(tiny_random_moe).add_pose_frontend().eval()
+    add_text_languages(model.generation_config, tokenizer, ("en",))
+    values, mask = _pose_batch([30, 8, 17, 25], seed=2)
+    generated = {}
+    for pack_pose in (True, False):
+        model.config.pack_pose = pack_pose
+        generated[pack_pose] = model.generate_from_pose(values, mask, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(generated[True], generated[False])
+    alone = model.generate_from_pose(values[1:2, :8], max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(alone[0], generated[False][1])
 
 
 def test_fingerspelling_batches(lexicon, tiny_random_moe):
