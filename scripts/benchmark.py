@@ -29,9 +29,10 @@ Measures, each as a median over repeats and as a ratio to its baseline:
 - packed pose clips (`--sections pose_packing`, no --dense needed): --moe with a pose front-end (new random weights:
   the time does not depend on them) on --pose-clips fingerspelled words composed as the fingerspelling-ase recipe
   composes its training words (processing/sign_data.py), in batches of each of --pose-batches, padded to each batch's
-  longest clip vs packed (`config.pack_pose`), the same clips and batches: the encoder alone, greedy generation of
-  POSE_NEW_TOKENS tokens, and one training step (forward + backward, no optimizer), with the largest difference of
-  the outputs on real frames, of the generated tokens and of the loss;
+  longest clip vs packed (`config.pack_pose`), the same clips and batches: the encoder alone, and encoding then greedy
+  generation of POSE_NEW_TOKENS tokens, each system's runs taking turns (wall and process CPU time); with the encoder
+  positions each runs and the largest difference of the encoder's outputs on real frames and the share of generated
+  tokens that differ;
 With --variants, only this instead: MoE variants upcycled in memory from --dense (coarse, fine-grained with
 `expert_segments`, with shared experts), their sizes, then each one's transcription of the same clips at each of
 --variant-batches and one training step on the same batch (frozen encoder, as configuration/recipes/asr-finetune.json),
@@ -391,10 +392,10 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "| benchmark | system | seconds | RTF | tokens/s | clips/s | peak MB | WER % | time vs baseline |"
         + (" params M | active/token M |" if counts else "")
-        + (" encoder positions | max difference |" if differences else ""),
+        + (" CPU s | CPU vs baseline | encoder positions | max difference |" if differences else ""),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|"
         + ("---:|---:|" if counts else "")
-        + ("---:|---:|" if differences else ""),
+        + ("---:|---:|---:|---:|" if differences else ""),
     ]
     for row in rows:
         ratio = next((value for key, value in row.items() if key.startswith("vs_")), None)
@@ -406,7 +407,10 @@ def markdown(rows: list[dict]) -> str:
         if counts:
             line += f" {_fmt(_millions(row.get('params')), 2)} | {_fmt(_millions(row.get('active_params')), 2)} |"
         if differences:
-            line += f" {row.get('frames', '')} | {_fmt(row.get('max_difference'), 7)} |"
+            line += (
+                f" {_fmt(row.get('cpu_seconds'), 3)} | {_fmt(row.get('cpu_vs_padded'), 2)} | {row.get('frames', '')} "
+                f"| {_fmt(row.get('max_difference'), 7)} |"
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -512,29 +516,31 @@ def bench_pose_packing(moe_folder: str, clips: list[np.ndarray], batch_sizes: li
         packed_frames = sum(plan_clip_packing(b["attention_mask"]).real.numel() for b in batches)
         frames_in = {"padded to longest": sum(b["attention_mask"].numel() for b in batches), "packed": packed_frames}
         name = f"{len(clips)} clips of {min(frames)}-{max(frames)} frames (mean {np.mean(frames):.0f}), batch {batch}"
-        for task, run, compare in (("encode", _pose_encode, _real_frames_difference),
-                                   (f"encode + generate {POSE_NEW_TOKENS} tokens", _pose_generate, _token_difference),
-                                   ("train step fwd+bwd", _pose_train_step, _loss_difference)):  # fmt: skip
+        tasks = (("encode", _pose_encode, _real_frames_difference),
+                 (f"encode + generate {POSE_NEW_TOKENS} tokens", _pose_generate, _token_difference))  # fmt: skip
+        for task, run, compare in tasks:
             outputs = {system: run(model, batches) for system, model in systems.items()}  # also the warm-up
             times = _interleaved_seconds({system: partial(run, model, batches) for system, model in systems.items()},
                                          repeats)  # fmt: skip
-            group = [{"benchmark": f"{task}, {name}", "system": system, "seconds": seconds,
+            group = [{"benchmark": f"{task}, {name}", "system": system, "seconds": seconds, "cpu_seconds": cpu,
                       "clips_per_s": len(clips) / seconds, "frames": frames_in[system]}
-                     for system, seconds in times.items()]  # fmt: skip
+                     for system, (seconds, cpu) in times.items()]  # fmt: skip
+            group[-1]["cpu_vs_padded"] = group[-1]["cpu_seconds"] / group[0]["cpu_seconds"]
             group[-1]["max_difference"] = compare(outputs["padded to longest"], outputs["packed"], batches)
             rows += _with_ratio(group, "padded to longest")
     return rows
 
 
-def _interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run, the runs taking turns, so that a change in the machine's load hits all alike."""
+def _interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, process CPU seconds) of each run, the runs taking turns, so that a change in the
+    machine's load hits all alike; CPU time counts only what this process ran, which other processes change less."""
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
+            times[name].append((time.perf_counter() - start, time.process_time() - cpu_start))
+    return {name: tuple(statistics.median(column) for column in zip(*runs)) for name, runs in times.items()}
 
 
 def _pose_encode(model, batches: list[dict]) -> list[torch.Tensor]:
@@ -550,16 +556,6 @@ def _pose_generate(model, batches: list[dict]) -> list[torch.Tensor]:
                 for b in batches]  # fmt: skip
 
 
-def _pose_train_step(model, batches: list[dict]) -> list[torch.Tensor]:
-    losses = []
-    for inputs in batches:
-        loss = model(**inputs, output_router_logits=True).loss
-        loss.backward()
-        losses.append(loss.detach())
-    model.zero_grad(set_to_none=True)
-    return losses
-
-
 def _real_frames_difference(reference: list, other: list, batches: list[dict]) -> float:
     return max(float((a - b).abs()[m.bool()].max()) for a, b, m in
                zip(reference, other, (b["attention_mask"] for b in batches)))  # fmt: skip
@@ -568,10 +564,6 @@ def _real_frames_difference(reference: list, other: list, batches: list[dict]) -
 def _token_difference(reference: list, other: list, batches: list[dict]) -> float:
     """The share of generated tokens that differ (0 = the same text for every clip)."""
     return float(sum((a != b).sum() for a, b in zip(reference, other)) / sum(a.numel() for a in reference))
-
-
-def _loss_difference(reference: list, other: list, batches: list[dict]) -> float:
-    return max(float((a - b).abs()) for a, b in zip(reference, other))
 
 
 def _word_error_rate(references: list[str], hypotheses: list[str]) -> float:
