@@ -177,7 +177,8 @@ class FingerspellingDataset(torch.utils.data.Dataset):
 @dataclass
 class PoseCollator:
     """Pads `pose_values` (batch, frames, 27, 4) with zeros and an `attention_mask` (batch, frames), 1 = real frame;
-    `labels` (batch, tgt_len) with IGNORE_INDEX."""
+    `labels` (batch, tgt_len) with IGNORE_INDEX. Padding is on the right, as the encoder's packing of the clips
+    (`config.pack_pose`) takes them."""
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not examples:
