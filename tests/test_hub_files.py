@@ -18,6 +18,7 @@ SHIPPED_CODE = {
     "modeling_whisper_moe.py",
     "modeling_whisper_moe_tts.py",
     "packing.py",
+    "patches.py",
     "peer.py",
     "pose.py",
     "pipeline_text_to_audio.py",
