@@ -17,6 +17,7 @@ the tokens it would get alone. While training, `video_token_dropout` of each cli
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -40,6 +41,18 @@ def clip_tokens(config: WhisperMoEConfig, frames: int, height: int, width: int) 
     """Tubelets of a (frames, height, width, 3) clip: time rounded up (the last frame repeats), sides cropped."""
     tubelets = math.ceil(frames / config.video_tubelet_frames)
     return tubelets * (height // config.video_patch_size) * (width // config.video_patch_size)
+
+
+def tubelet_mask(config: WhisperMoEConfig, pixel_values: Video, attention_mask: torch.Tensor | None = None,
+                 training: bool = False) -> torch.Tensor:  # fmt: skip
+    """(batch, tokens) bool of the real tokens the front-end gives `pixel_values` (as `PatchFrontend.forward` takes
+    them), after token dropping when `training`: what the routers of the encoder see, without running it."""
+    clips = split_clips(pixel_values, attention_mask)
+    counts = [clip_tokens(config, *clip.shape[:3]) for clip in clips]
+    if training and config.video_token_dropout > 0:
+        counts = [kept_tokens(count, config.video_token_dropout) for count in counts]
+    counts = torch.tensor(counts, device=clips[0].device)
+    return torch.arange(int(counts.max()), device=counts.device)[None] < counts[:, None]
 
 
 def fit_clip(config: WhisperMoEConfig, video: np.ndarray) -> np.ndarray:
@@ -175,9 +188,19 @@ def add_patch_frontend(model: nn.Module) -> nn.Module:
     return model
 
 
-def video_values(video: np.ndarray) -> torch.Tensor:
-    """A (frames, height, width, 3) uint8 clip (load_video's) as one batch row for the front-end, (1, ...)."""
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != RGB:
-        raise ValueError(f"a video must be (frames, height, width, 3) RGB, got {video.shape}")
-    return torch.from_numpy(np.ascontiguousarray(video))[None]
+def read_clip(config: WhisperMoEConfig, source) -> np.ndarray:
+    """What the video-to-text pipeline gives a patch front-end: a video file (path or bytes, read by `load_video` at
+    `video_fps` and `video_size`) or a (frames, height, width, 3) array of RGB frames, with frames evenly dropped
+    until it fits (`fit_clip`)."""
+    from .video import load_video
+
+    if isinstance(source, str | os.PathLike | bytes | bytearray):
+        video = load_video(source, fps=config.video_fps, size=config.video_size)
+    elif isinstance(source, np.ndarray | torch.Tensor):
+        video = np.asarray(source)
+    else:
+        raise TypeError(f"a video is a file path, its bytes or a (frames, height, width, 3) array, got "
+                        f"{type(source).__name__}")  # fmt: skip
+    if video.ndim != 4 or video.shape[-1] != RGB or len(video) == 0:
+        raise ValueError(f"a video must be (frames > 0, height, width, 3) RGB frames, got {video.shape}")
+    return fit_clip(config, video)

@@ -1,4 +1,5 @@
-"""Sign language to text for WhisperMoE folders with a pose front-end, shipped inside them as a custom pipeline.
+"""Sign language to text for WhisperMoE folders with a pose or a patch front-end, shipped inside them as a custom
+pipeline.
 
     signer = pipeline("video-to-text", model="you/whisper-moe-fingerspelling-ase", trust_remote_code=True)
     signer("hello.pose")                                 # a pose-format file of MediaPipe Holistic keypoints
@@ -6,7 +7,9 @@
     # {"text": "hello"}
 
 The keypoints are normalised to the signer's shoulders (pose.normalize_pose) and read by the encoder's pose
-front-end; the decoder writes English text after <|en|><|transcribe|><|notimestamps|>.
+front-end; the decoder writes English text after <|en|><|transcribe|><|notimestamps|>. A folder with a patch
+front-end (`config.patch_frontend`) reads RGB video instead: `signer("clip.mp4")` decodes it with `load_video` at the
+config's `video_fps` and `video_size`, and a (frames, height, width, 3) array is read as it is (patches.read_clip).
 """
 
 import os
@@ -14,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+from .patches import read_clip
 from .pipeline_translation import FrontendPipeline
 from .pose import POSE_KEYPOINTS, pose_values, read_pose, read_spelling, select_keypoints
 
@@ -25,7 +29,6 @@ class WhisperMoEVideoToTextPipeline(FrontendPipeline):
     """Keypoints of a signer (a `.pose` file, its bytes, or arrays) -> `{"text": ...}`. Options: `max_new_tokens`,
     `num_beams`, or `generate_kwargs`."""
 
-    frontend_field = "pose_frontend"
     refusal = "has no pose front-end, so it cannot read sign language; train one with the video_to_text task"
 
     def _sanitize_parameters(self, max_new_tokens=None, num_beams=None, generate_kwargs=None, **kwargs):
@@ -36,13 +39,24 @@ class WhisperMoEVideoToTextPipeline(FrontendPipeline):
             forward["num_beams"] = num_beams
         return {}, forward, {}
 
+    @property
+    def frontend_field(self) -> str:
+        """The front-end this folder reads sign language with: RGB frames (patches) or keypoints (pose)."""
+        return "patch_frontend" if getattr(self.model.config, "patch_frontend", False) else "pose_frontend"
+
     def preprocess(self, inputs) -> dict:
+        if self.frontend_field == "patch_frontend":  # frames, (1, frames, height, width, 3)
+            return {"pixel_values": torch.as_tensor(read_clip(self.model.config, inputs))[None].to(self.device)}
         keypoints, visible = _keypoints(inputs)
         values = torch.as_tensor(pose_values(keypoints, visible))[None]  # (1, frames, 27, 4)
         return {"pose_values": values.to(self.device, self.model.dtype)}
 
     def _forward(self, model_inputs: dict, **generate_kwargs) -> dict:
         generate_kwargs.setdefault("max_new_tokens", MAX_NEW_TOKENS)
+        if "pixel_values" in model_inputs:
+            tokens = self.model.generate_from_video(model_inputs["pixel_values"], language=OUTPUT_LANGUAGE,
+                                                    **generate_kwargs)  # fmt: skip
+            return {"tokens": tokens}
         tokens = self.model.generate_from_pose(
             model_inputs["pose_values"], language=OUTPUT_LANGUAGE, **generate_kwargs
         )

@@ -48,6 +48,10 @@ class ModelArguments:
     text_encoder_layers: int | None = field(
         default=None, metadata={"help": "encoder layers text runs through (text tasks; default: all)"}
     )
+    # the patch front-end of video tasks (sign_frontend=patches); None: WhisperMoEConfig's defaults
+    video_patch_size: int | None = field(default=None, metadata={"help": "pixels per patch side"})
+    video_tubelet_frames: int | None = field(default=None, metadata={"help": "frames per tubelet"})
+    video_token_dropout: float | None = field(default=None, metadata={"help": "tubelets dropped while training"})
     training_mode: str = field(
         default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}, lifelong (the newest experts only)"}
     )
@@ -91,6 +95,12 @@ class DataArguments:
         default_factory=list, metadata={"help": "sentence CSVs whose words are spelled (the en column)"}
     )
     sign_examples: int = field(default=20_000, metadata={"help": "fingerspelled training words (drawn on the fly)"})
+    sign_frontend: str = field(
+        default="pose",
+        metadata={"help": "pose (keypoints) or patches (the words rendered to RGB video, sign_video.py)"},
+    )
+    sign_video_size: int = field(default=64, metadata={"help": "rendered frames' side in pixels (patches)"})
+    sign_video_frame_step: int = field(default=3, metadata={"help": "render every n-th 25 fps frame (patches)"})
     # speech recognition (and speech translation)
     train_manifest: str | None = field(default=None, metadata={"help": "CSV path,text (paths relative to it)"})
     eval_manifest: str | None = field(default=None, metadata={"help": "defaults to train_manifest's eval_split"})

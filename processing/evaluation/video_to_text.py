@@ -3,7 +3,9 @@ per-letter confusion matrix.
 
 The words are the held-out ones (`sign_data.is_held_out`) of the folder's training record's word lists, each
 composed once from the lexicon with this evaluation's own seed (other trims, speeds, transitions and camera than any
-training draw), and read through the folder's `video-to-text` pipeline, as a user's keypoints would be.
+training draw), and read through the folder's `video-to-text` pipeline, as a user's keypoints would be. A folder
+trained on rendered video (`sign_frontend=patches`) gets each word drawn as RGB frames the way its training run drew
+them (processing/sign_video.py): rendered skeletons, not camera video.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from processing.evaluation.common import Evaluator, ModelRef, add_flag, markdown_table
 from processing.sign_data import Augmentation, compose, read_lexicon, split_words, words_from_sentences
+from processing.sign_video import Rendering, render_pose, rendering_of
 from processing.tasks.video_to_text import letters_only
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +90,12 @@ def held_out_words(model: ModelRef, args: argparse.Namespace) -> tuple[list[str]
     ], lexicon
 
 
+def rendered_video(model: ModelRef) -> Rendering | None:
+    """The rendering a folder trained with `sign_frontend=patches` learnt from (its training record's), else None."""
+    data = (model.training_record() or {}).get("data") or {}
+    return rendering_of(data) if data.get("sign_frontend") == "patches" else None
+
+
 def evaluate(models: Sequence[ModelRef], args: argparse.Namespace) -> dict:
     from transformers import pipeline
 
@@ -95,9 +104,13 @@ def evaluate(models: Sequence[ModelRef], args: argparse.Namespace) -> dict:
         words, lexicon = held_out_words(model, args)
         signer = pipeline("video-to-text", model=model.path, trust_remote_code=True)
         start, hypotheses = time.perf_counter(), []
+        rendering = rendered_video(model)
         for index, word in enumerate(words):
             keypoints, visible = compose(word, lexicon, np.random.default_rng([args.sign_seed, index]), Augmentation())
-            hypotheses.append(signer({"keypoints": keypoints, "visible": visible})["text"])
+            if rendering is None:
+                hypotheses.append(signer({"keypoints": keypoints, "visible": visible})["text"])
+            else:  # the folder reads RGB video: the word drawn as its training run drew words
+                hypotheses.append(signer(render_pose(keypoints, visible, rendering))["text"])
         seconds = time.perf_counter() - start
         examples = [{"word": w, "read": h} for w, h in zip(words[:EXAMPLES], hypotheses[:EXAMPLES])]
         report["systems"].append({"name": model.name, **score(words, hypotheses), "seconds": round(seconds, 1),

@@ -1,4 +1,5 @@
-"""Sign language to text: fingerspelled words, as keypoints, through the encoder's pose front-end.
+"""Sign language to text: fingerspelled words, as keypoints, through the encoder's pose front-end (or, with
+`sign_frontend=patches`, drawn as RGB video (processing/sign_video.py) through its patch front-end).
 
 Training words are spelled from a lexicon's real letter clips (processing/sign_data.py) and drawn on the fly; the
 evaluation spells held-out words (a hash of the word, `sign_data.is_held_out`) with other draws of the augmentation.
@@ -14,6 +15,7 @@ import re
 from modeling_whisper_moe.generation_whisper_moe import text_decoder_prompt
 from processing.metrics import make_compute_metrics
 from processing.sign_data import FingerspellingDataset, PoseCollator, read_lexicon, split_words, words_from_sentences
+from processing.sign_video import RenderedFingerspellingDataset, check_sign_frontend, rendering_of
 from processing.tasks.base import Task, TaskContext, TaskData, register_task
 from processing.tasks.translation import add_text_languages
 
@@ -37,15 +39,20 @@ def build_data(context: TaskContext) -> TaskData:
     prompt = text_decoder_prompt(model.generation_config, OUTPUT_LANGUAGE)[1:]  # the model prepends <|sot|>
     common = dict(lexicon=lexicon, prompt=prompt, tokenizer=context.tokenizer,
                   eos_id=model.generation_config.eos_token_id)  # fmt: skip
+    if check_sign_frontend(args.sign_frontend) == "patches":  # the words drawn as RGB video
+        dataset, common["rendering"] = RenderedFingerspellingDataset, rendering_of(args)
+    else:
+        dataset = FingerspellingDataset
     size = args.max_train_samples or args.sign_examples
-    train = FingerspellingDataset(train_words, size=size, seed=context.seed, **common)
-    evaluation = FingerspellingDataset(held_out, size=args.max_eval_samples or EVAL_EXAMPLES,
-                                       seed=context.seed + EVAL_SEED_OFFSET, **common)  # fmt: skip
+    train = dataset(train_words, size=size, seed=context.seed, **common)
+    evaluation = dataset(held_out, size=args.max_eval_samples or EVAL_EXAMPLES,
+                         seed=context.seed + EVAL_SEED_OFFSET, **common)  # fmt: skip
     return TaskData(train, evaluation)
 
 
 def build_collator(context: TaskContext) -> PoseCollator:
-    return PoseCollator()
+    patches = check_sign_frontend(context.data.sign_frontend) == "patches"
+    return PoseCollator(key="pixel_values" if patches else "pose_values")
 
 
 def build_metrics(context: TaskContext):
