@@ -100,7 +100,7 @@ class DataArguments:
         metadata={"help": "pose (keypoints) or patches (the words rendered to RGB video, sign_video.py)"},
     )
     sign_video_size: int = field(default=64, metadata={"help": "rendered frames' side in pixels (patches)"})
-    sign_video_frame_step: int = field(default=3, metadata={"help": "render every n-th 25 fps frame (patches)"})
+    sign_video_frame_step: int = field(default=5, metadata={"help": "render every n-th 25 fps frame (patches)"})
     # speech recognition (and speech translation)
     train_manifest: str | None = field(default=None, metadata={"help": "CSV path,text (paths relative to it)"})
     eval_manifest: str | None = field(default=None, metadata={"help": "defaults to train_manifest's eval_split"})

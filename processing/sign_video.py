@@ -17,6 +17,7 @@ from fractions import Fraction
 import numpy as np
 
 from modeling_whisper_moe.hub import atomic_write
+from modeling_whisper_moe.modeling_whisper_moe import WhisperMoEForConditionalGeneration
 from modeling_whisper_moe.pose import BODY_POINTS, HAND_POINTS, normalize_pose, spell
 from processing.sign_data import FingerspellingDataset, compose
 
@@ -33,14 +34,14 @@ HAND_LIMBS = [(0, 1), (0, 2), (2, 3), (0, 4), (4, 5), (0, 6), (6, 7), (0, 8), (8
 class Rendering:
     """How a composed word becomes frames.
 
-    Defaults: 64 x 64 pixels; every 3rd frame of the 25 fps clips (8.3 fps, ~8 frames a letter); the box spans 2.2
-    shoulder widths, from 1.4 left of the shoulders' midpoint (image left) and 0.8 above it: the lexicon's points
-    lie within x -1.27..0.73 and y -0.63..1.31 (nose to elbows), and a hand (~0.4 shoulder widths) spans ~12
-    pixels, within one 16-pixel patch.
+    Defaults: 64 x 64 pixels; every 5th frame of the 25 fps clips (5 fps, ~5 frames a letter, enough to see J and Z
+    move); the box spans 2.2 shoulder widths, from 1.4 left of the shoulders' midpoint (image left) and 0.8 above
+    it: the lexicon's points lie within x -1.27..0.73 and y -0.63..1.31 (nose to elbows), and a hand (~0.4 shoulder
+    widths) spans ~12 pixels, within one 16-pixel patch.
     """
 
     size: int = 64
-    frame_step: int = 3
+    frame_step: int = 5
     box_left: float = -1.4
     box_top: float = -0.8
     box_side: float = 2.2
@@ -111,11 +112,12 @@ SIGN_FRONTENDS = ("pose", "patches")  # what the video_to_text task feeds the en
 VIDEO_CONFIG_FIELDS = ("video_patch_size", "video_tubelet_frames", "video_token_dropout")  # ModelArguments' overrides
 
 
-def rendering_of(data_args) -> Rendering:
+def rendering_of(data_args: object) -> Rendering:
     """The rendering a run's DataArguments (or its training record's "data") ask for."""
     get = data_args.get if isinstance(data_args, dict) else lambda name, default: getattr(data_args, name, default)
-    return Rendering(size=get("sign_video_size", Rendering.size), frame_step=get("sign_video_frame_step",
-                                                                                 Rendering.frame_step))  # fmt: skip
+    default = Rendering()
+    return Rendering(size=get("sign_video_size", default.size), frame_step=get("sign_video_frame_step",
+                                                                               default.frame_step))  # fmt: skip
 
 
 def check_sign_frontend(name: str) -> str:
@@ -124,7 +126,7 @@ def check_sign_frontend(name: str) -> str:
     return name
 
 
-def add_sign_video_frontend(model, model_args, data_args) -> None:
+def add_sign_video_frontend(model: WhisperMoEForConditionalGeneration, model_args: object, data_args: object) -> None:
     """Give `model` the patch front-end for rendered fingerspelling: the ModelArguments' video fields that are set,
     and the rendering's frame size and rate as what its pipeline reads a video file at."""
     rendering = rendering_of(data_args)
