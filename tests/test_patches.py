@@ -136,3 +136,16 @@ def test_video_fields_are_checked():
             tiny_moe_config(**{**VIDEO, field: value})
     with pytest.raises(ValueError, match="more than max_source_positions=12"):
         WhisperMoEConfig(**{**tiny_moe_config().to_dict(), "patch_frontend": True, "video_size": 64})
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_router_masks_name_the_tubelets_the_encoder_routed(training):
+    from processing.routing import router_token_masks
+
+    model = video_model(video_token_dropout=0.5).train(training)
+    clips, labels = [clip(4, 16, 16, seed=1), clip(2, 8, 12, seed=2)], torch.randint(4, 90, (2, 3))
+    outputs = model.model(pixel_values=clips, decoder_input_ids=labels, output_router_logits=True)
+    routed = outputs.encoder_attention_mask.bool()  # (batch, tubelets) the encoder kept
+    mask = router_token_masks(model.config, {"pixel_values": clips, "labels": labels}, training=training)["encoder"]
+    assert torch.equal(mask, routed) and outputs.encoder_router_logits[0].shape[0] == mask.numel()
+    assert mask.sum(1).tolist() == ([16, 3] if training else [32, 6])  # 2 x 16 and 1 x 6 tubelets, half kept
