@@ -151,6 +151,10 @@ PORTRAIT_HEIGHT, PORTRAIT_WIDTH = 480, 400
 
 @pytest.fixture(scope="session")
 def portrait_video(tmp_path_factory) -> Path:
+    return write_portrait_video(tmp_path_factory.mktemp("video") / "portrait.mp4")
+
+
+def write_portrait_video(path: Path) -> Path:
     """A person on video: an H.264 .mp4 of a crop window drifting across a real photograph (matplotlib's sample
     portrait of Grace Hopper, head and shoulders; her hands are outside the picture). No video of a person is
     available offline; MediaPipe tracks this one's body from frame to frame."""
@@ -160,7 +164,6 @@ def portrait_video(tmp_path_factory) -> Path:
     import numpy as np
 
     photo = np.asarray(matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg")))  # (600, 512, 3)
-    path = tmp_path_factory.mktemp("video") / "portrait.mp4"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=PORTRAIT_FPS)
         stream.width, stream.height, stream.pix_fmt = PORTRAIT_WIDTH, PORTRAIT_HEIGHT, "yuv420p"
