@@ -7,7 +7,9 @@ figure, so no test video here shows hands.
 """
 
 import sys
+import types
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from conftest import PORTRAIT_FPS, PORTRAIT_FRAMES, PORTRAIT_HEIGHT, PORTRAIT_ST
 
 from modeling_whisper_moe import load_video
 from modeling_whisper_moe.keypoints import extract_keypoints
-from modeling_whisper_moe.pipeline_video_to_text import _keypoints
+from modeling_whisper_moe.pipeline_video_to_text import _is_video, _keypoints
 from modeling_whisper_moe.pose import POSE_KEYPOINTS, read_pose
 
 SAMPLED_FPS = 5
@@ -68,6 +70,21 @@ def test_the_pipeline_tells_video_bytes_from_pose_bytes(portrait_video, portrait
     assert np.array_equal(from_pose[1], visible)
 
 
+@pytest.mark.parametrize(
+    "suffix, codec", [(".mp4", "libx264"), (".mov", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9"),
+                      (".avi", "mjpeg")],
+)  # fmt: skip
+def test_video_bytes_of_every_container_are_told_from_pose_bytes(suffix, codec, portrait_pose_file, tmp_path):
+    path = tmp_path / f"clip{suffix}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=PORTRAIT_FPS)
+        stream.width, stream.height = 64, 48
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for packet in [*stream.encode(av.VideoFrame(64, 48, "rgb24")), *stream.encode()]:
+            container.mux(packet)
+    assert _is_video(path.read_bytes()) and not _is_video(portrait_pose_file.read_bytes())
+
+
 def test_a_video_without_a_person_gives_frames_with_nothing_visible(data_dir):
     video = data_dir / "misc" / "jfk_video.mov"  # a plain blue picture over the JFK speech
     keypoints, visible = extract_keypoints(video.read_bytes(), fps=1)
@@ -78,4 +95,7 @@ def test_a_video_without_a_person_gives_frames_with_nothing_visible(data_dir):
 def test_without_mediapipe_the_error_gives_the_install_command(portrait_video, monkeypatch):
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # makes `import mediapipe` raise ImportError
     with pytest.raises(ImportError, match=r"pip install --no-deps mediapipe==0\.10\.21"):
+        extract_keypoints(portrait_video)
+    monkeypatch.setitem(sys.modules, "mediapipe", types.SimpleNamespace(__version__="0.10.31"))  # no solutions API
+    with pytest.raises(ImportError, match=r"0\.10\.31 has no Holistic models.*mediapipe==0\.10\.21"):
         extract_keypoints(portrait_video)
