@@ -194,6 +194,27 @@ def test_wlasl_reads_splits_frame_ranges_and_skips_absent_videos(wlasl):
         read_wlasl(json_path, videos / "missing")
 
 
+def test_the_task_reads_a_corpus_s_keypoints_and_names_what_it_needs(wlasl, include_videos):
+    from types import SimpleNamespace
+
+    from processing.tasks.video_to_text import gloss_key, read_corpus
+
+    json_path, videos = wlasl
+    args = SimpleNamespace(sign_corpus="wlasl", sign_root=str(videos), wlasl_json=str(json_path),
+                           wlasl_subset_json=None, include_subset="include")  # fmt: skip
+    val = read_corpus(args, "val")
+    assert [(s.gloss, s.path.name) for s in val.samples] == [("book", "07068.pose")]
+    assert val.missing == [videos / "17710.pose"]  # never downloaded: no video, no keypoints
+    with pytest.raises(ValueError, match="give --wlasl_json"):
+        read_corpus(SimpleNamespace(**{**vars(args), "wlasl_json": None}), "val")
+    with pytest.raises(ValueError, match="give --sign_root"):
+        read_corpus(SimpleNamespace(**{**vars(args), "sign_root": None}), "val")
+    include = SimpleNamespace(**{**vars(args), "sign_corpus": "include", "sign_root": str(include_videos)})
+    with pytest.raises(FileNotFoundError, match="videos are there but not their keypoints"):
+        read_corpus(include, "train")  # raw videos are refused: keypoints are extracted once, beforehand
+    assert gloss_key(" Good morning.") == gloss_key("Good Morning") == "goodmorning"
+
+
 def test_wlasl_frame_ranges_cut_the_keypoints(wlasl):
     json_path, videos = wlasl
     (test,) = [s for s in read_wlasl(json_path, videos, "test", media="pose").samples if s.gloss == "book"]
