@@ -117,6 +117,14 @@ def compose(word: str, lexicon: dict[str, tuple], rng: np.random.Generator, augm
     return keypoints.astype(np.float32), visible
 
 
+def augment_clip(keypoints: np.ndarray, visible: np.ndarray, rng: np.random.Generator, augment: Augmentation):
+    """One recorded clip (a whole sign) varied as `compose` varies each letter and then the word: (keypoints
+    (frames, 27, 3), visible (frames, 27)), raw (before normalisation)."""
+    keypoints, visible = _trim_and_time(keypoints, visible, rng, augment)
+    keypoints, visible = _camera_and_tracker(keypoints, visible, rng, augment)
+    return keypoints.astype(np.float32), visible
+
+
 def _trim_and_time(keypoints, visible, rng, augment: Augmentation):
     frames = len(keypoints)
     start = int(rng.uniform(0, augment.trim) * frames)

@@ -145,6 +145,38 @@ def fsdd_bank(data_dir) -> DigitClipBank:
     return DigitClipBank(speakers, clips)
 
 
+PORTRAIT_FPS, PORTRAIT_FRAMES, PORTRAIT_STEP = 25, 50, 2  # 2 s; the crop moves 2 pixels right and down a frame
+PORTRAIT_HEIGHT, PORTRAIT_WIDTH = 480, 400
+
+
+@pytest.fixture(scope="session")
+def portrait_video(tmp_path_factory) -> Path:
+    return write_portrait_video(tmp_path_factory.mktemp("video") / "portrait.mp4")
+
+
+def write_portrait_video(path: Path) -> Path:
+    """A person on video: an H.264 .mp4 of a crop window drifting across a real photograph (matplotlib's sample
+    portrait of Grace Hopper, head and shoulders; her hands are outside the picture). No video of a person is
+    available offline; MediaPipe tracks this one's body from frame to frame."""
+    import av
+    import matplotlib.cbook
+    import matplotlib.image
+    import numpy as np
+
+    photo = np.asarray(matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg")))  # (600, 512, 3)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=PORTRAIT_FPS)
+        stream.width, stream.height, stream.pix_fmt = PORTRAIT_WIDTH, PORTRAIT_HEIGHT, "yuv420p"
+        for index in range(PORTRAIT_FRAMES):
+            top = left = index * PORTRAIT_STEP
+            crop = np.ascontiguousarray(photo[top : top + PORTRAIT_HEIGHT, left : left + PORTRAIT_WIDTH])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(crop, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def run_without_package(script: str, *args, tmp_path: Path) -> dict:
     """Run `script` (which fills a dict named `result`) in a fresh interpreter that cannot import this package."""
     return run_isolated(script, *args, cwd=tmp_path)

@@ -14,6 +14,7 @@ SHIPPED_CODE = {
     "generation_whisper_moe.py",
     "growth.py",
     "hub.py",
+    "keypoints.py",
     "model_card.py",
     "modeling_whisper_moe.py",
     "modeling_whisper_moe_tts.py",
