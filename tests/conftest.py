@@ -5,6 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (`-n 2`: a worker per core) each worker, and every interpreter it starts, runs one thread; two
+# workers of two threads each on two cores spend their time switching between them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
