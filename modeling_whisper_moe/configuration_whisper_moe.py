@@ -12,7 +12,8 @@ GROWTH_KEYS = frozenset({"num_experts", "num_experts_per_tok", "encoder_layers",
 GROWTH_PEER_KEY = "peer"  # a phase may also add a PEER block (peer.py) to its layers
 GROWTH_MODALITIES_KEY = "modalities"  # a phase may serve only some input modalities
 GROWTH_OPTIONAL_KEYS = frozenset({GROWTH_PEER_KEY, GROWTH_MODALITIES_KEY})
-INPUT_MODALITIES = ("speech", "text", "pose")  # what the encoder reads: log-mel audio, token ids, sign keypoints
+# what the encoder reads: log-mel audio, token ids, sign keypoints, RGB video patches
+INPUT_MODALITIES = ("speech", "text", "pose", "video")
 TTT_TYPES = ("linear", "mlp")  # TTT-Linear, TTT-MLP (ttt.py)
 PEER_KEYS = frozenset({"num_keys", "num_heads", "num_experts_per_head", "key_dim"})  # a phase's "peer" entry
 WAVENET_KEYS = frozenset({"layers", "channels", "dilations", "kernel_size", "alpha"})  # `wavenet_branch` (wavenet.py)
@@ -121,6 +122,29 @@ class WhisperMoEConfig(WhisperConfig):
         Holistic points, normalised to the shoulders) projected to `d_model`, with the encoder's sinusoidal
         positions, so the encoder takes `pose_values` + `attention_mask` and the same model reads sign language.
         At most `max_source_positions` frames (60 s at 25 fps).
+
+    Video patches (the patch front-end, patches.py), read only with `patch_frontend`:
+
+    patch_frontend (`bool`, defaults to `False`):
+        Give the encoder a patch front-end: RGB video cut into tubelets of `video_tubelet_frames` x
+        `video_patch_size` x `video_patch_size` pixels, each flattened and projected to `d_model`, with factorised
+        positions (NaViT's fractional rows and columns, so any resolution maps into one position space, plus the
+        tubelet's time), so the encoder takes `pixel_values` (+ `attention_mask` of real frames) and the same model
+        reads video. A clip gives at most `max_source_positions` tubelets.
+    video_tubelet_frames (`int`, defaults to 2):
+        Frames per tubelet (ViViT's tubelet embedding): 2 halves the tokens of a clip and still sees motion.
+    video_patch_size (`int`, defaults to 16):
+        Side of a tubelet's square patch in pixels (ViT's 16); a frame's sides are cropped to multiples of it.
+    video_position_buckets (`int`, defaults to 32):
+        Learned row and column embeddings per axis: a patch's fractional place (index / patches along the axis, in
+        [0, 1)) falls in one of these buckets, so 32 keeps every place of frames up to 32 patches wide distinct.
+    video_token_dropout (`float`, defaults to 0.0):
+        Share of each clip's tubelets dropped at random while training (NaViT's token dropping: cheaper steps, a
+        regulariser); the kept ones stay in order. None is dropped in evaluation or generation.
+    video_fps (`float`, defaults to 12.5):
+        Frames per second the video-to-text pipeline samples a video file at (half of 25 fps).
+    video_size (`int`, defaults to 112):
+        Shorter side in pixels the pipeline resizes frames to (7 x 7 patches of 16 at a square 112).
     max_text_positions (`int`, defaults to 448):
         Longest token sequence the text front-end takes (its position table's size, at most
         `max_source_positions`).
@@ -146,8 +170,8 @@ class WhisperMoEConfig(WhisperConfig):
         which every token uses h * k, found by product keys over queries of width c (even: two halves); its up
         vectors start at zero, so growing it is exact too. A phase that adds only a PEER block has `num_experts` and
         `num_experts_per_tok` 0, and its layers may be dense.
-        A phase may also hold `"modalities": [...]`, a subset of "speech", "text", "pose": its experts and PEER
-        blocks then serve only inputs of those modalities (the encoder's input decides, for the encoder and the
+        A phase may also hold `"modalities": [...]`, a subset of "speech", "text", "pose", "video": its experts and
+        PEER blocks then serve only inputs of those modalities (the encoder's input decides, for the encoder and the
         decoder alike) and stay silent for the others, so a phase that learns a text task cannot change what the
         model does with speech, however far it trains: modality experts. Without the key a phase serves every input.
 
@@ -274,6 +298,13 @@ class WhisperMoEConfig(WhisperConfig):
     text_frontend: bool = False
     max_text_positions: int = 448
     pose_frontend: bool = False
+    patch_frontend: bool = False
+    video_tubelet_frames: int = 2
+    video_patch_size: int = 16
+    video_position_buckets: int = 32
+    video_token_dropout: float | int = 0.0
+    video_fps: float | int = 12.5
+    video_size: int = 112
     text_encoder_layers: int | None = None
     tts_speaker_embedding_dim: int = 0
     tts_duration_loss_coef: float | int = 1.0
@@ -345,6 +376,7 @@ class WhisperMoEConfig(WhisperConfig):
         if self.max_text_positions < 1:
             raise ValueError(f"max_text_positions must be at least 1, got {self.max_text_positions}.")
         self.check_text_encoder_layers(self.text_encoder_layers)
+        self.check_video()
         self.check_quantization()
         self.check_growth()
         self.check_ttt()
@@ -362,6 +394,27 @@ class WhisperMoEConfig(WhisperConfig):
                 raise ValueError(
                     f"{side}_sparse_layers names layers {unknown}, but the {side} has layers 0..{num_layers - 1}."
                 )
+
+    def check_video(self) -> None:
+        """Raise `ValueError` naming the offending value if the patch front-end's fields cannot work together."""
+        for name in ("video_tubelet_frames", "video_patch_size", "video_position_buckets", "video_size"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.video_token_dropout < 1.0:
+            raise ValueError(f"video_token_dropout must be in [0, 1), got {self.video_token_dropout}.")
+        if not (self.video_fps > 0 and math.isfinite(self.video_fps)):
+            raise ValueError(f"video_fps must be a positive number of frames per second, got {self.video_fps}.")
+        if self.video_size < self.video_patch_size:
+            raise ValueError(
+                f"video_size={self.video_size} is smaller than one patch (video_patch_size={self.video_patch_size})."
+            )
+        per_tubelet = (self.video_size // self.video_patch_size) ** 2  # tokens of one tubelet at a square frame
+        if self.patch_frontend and per_tubelet > self.max_source_positions:
+            raise ValueError(
+                f"A {self.video_size}x{self.video_size} frame gives {per_tubelet} patches of {self.video_patch_size}, "
+                f"more than max_source_positions={self.max_source_positions}: lower video_size or raise "
+                "video_patch_size."
+            )
 
     def check_ttt(self) -> None:
         """Raise `ValueError` naming the offending value if the Test-Time-Training fields cannot work together."""

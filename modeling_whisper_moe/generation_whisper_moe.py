@@ -109,10 +109,18 @@ class WhisperMoEGenerationMixin:
     """The generate paths of [`WhisperMoEForConditionalGeneration`]; the host is a WhisperMoE encoder-decoder with
     Whisper's generation mixin after this one in its bases."""
 
-    def generate(self, input_features: torch.Tensor | None = None, *args, input_ids=None, pose_values=None, **kwargs):
+    def generate(
+        self, input_features: torch.Tensor | None = None, *args, input_ids=None, pose_values=None, pixel_values=None,
+        **kwargs,
+    ):  # fmt: skip
         """Whisper's generate for audio (`input_features`, every Whisper option). For text (`input_ids` (batch,
         text_len) with `attention_mask`, `config.text_frontend`) see `generate_from_text`, for sign-language poses
-        (`pose_values`, `config.pose_frontend`) `generate_from_pose`."""
+        (`pose_values`, `config.pose_frontend`) `generate_from_pose`, for video (`pixel_values`,
+        `config.patch_frontend`) `generate_from_video`."""
+        if pixel_values is not None:
+            if input_features is not None or input_ids is not None or pose_values is not None or args:
+                raise ValueError("generate takes one input: input_features, input_ids, pose_values or pixel_values.")
+            return self.generate_from_video(pixel_values, **kwargs)
         if pose_values is not None:
             if input_features is not None or input_ids is not None or args:
                 raise ValueError("generate takes one input: input_features, input_ids or pose_values.")
@@ -201,9 +209,28 @@ class WhisperMoEGenerationMixin:
         encoder_outputs = self.get_encoder()(pose_values=pose_values, attention_mask=attention_mask)
         return self._generate_from_encoding(encoder_outputs, attention_mask, language, generation_config, **kwargs)
 
+    @torch.no_grad()
+    def generate_from_video(
+        self,
+        pixel_values,
+        attention_mask: torch.Tensor | None = None,
+        language: str = "en",
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """RGB video in (`config.patch_frontend`), text out, prompted and decoded as `generate_from_text`.
+
+        pixel_values: (batch, frames, height, width, 3) pixels with attention_mask (batch, frames), 1 = real frame,
+        or a list of (frames, height, width, 3) clips of any sizes (patches.py). The decoder cross-attends to the
+        real tubelets only.
+        """
+        encoder_outputs = self.get_encoder()(pixel_values=pixel_values, attention_mask=attention_mask)
+        tubelet_mask = encoder_outputs["attention_mask"]  # (batch, tubelets)
+        return self._generate_from_encoding(encoder_outputs, tubelet_mask, language, generation_config, **kwargs)
+
     def _generate_from_encoding(self, encoder_outputs, attention_mask, language, generation_config, **kwargs):
-        """Decode from a text or pose encoding: the <|sot|><|language|><|transcribe|><|notimestamps|> prompt, then
-        transformers' generic `generate`."""
+        """Decode from a text, pose or video encoding: the <|sot|><|language|><|transcribe|><|notimestamps|> prompt,
+        then transformers' generic `generate`."""
         prompt = text_decoder_prompt(generation_config or self.generation_config, language)
         generation_config, model_kwargs = self._prompted_generation_config(generation_config, len(prompt), **kwargs)
         rows = attention_mask.shape[0]

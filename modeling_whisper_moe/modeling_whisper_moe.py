@@ -39,6 +39,7 @@ from .generation_whisper_moe import WhisperMoEGenerationMixin, language_token_id
 from .hub import HubSavingMixin
 from .model_card import model_card
 from .packing import block_diagonal_mask, pack, plan_clip_packing, plan_packing, unpack
+from .patches import PatchFrontend, Video, add_patch_frontend
 from .peer import PEER, peer_blocks
 from .pose import PoseFrontend, add_pose_frontend
 from .quantization import quantize_model
@@ -697,6 +698,8 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
             self.embed_text_positions = nn.Embedding(config.max_text_positions, embed_dim)
         if config.pose_frontend:
             self.embed_pose = PoseFrontend(config)
+        if config.patch_frontend:
+            self.embed_patches = PatchFrontend(config)
         self.layers = nn.ModuleList([WhisperMoEEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(embed_dim)
         self.gradient_checkpointing = False
@@ -708,21 +711,25 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         attention_mask: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         pose_values: torch.Tensor | None = None,
+        pixel_values: Video | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """Audio: `input_features` (batch, num_mel_bins, 3000) -> last_hidden_state (batch, 1500, d_model), Whisper's
         encoder. Text (`config.text_frontend`): `input_ids` (batch, text_len) and `attention_mask` (batch, text_len),
         1 = real token -> `WhisperMoEEncoderOutput`, last_hidden_state (batch, text_len, d_model). Poses
         (`config.pose_frontend`): `pose_values` (batch, frames, 27, 4) and `attention_mask` (batch, frames), 1 = real
-        frame -> last_hidden_state (batch, frames, d_model). The output's "modality" ("speech", "text" or "pose")
-        tells the decoder which growth phases serve it."""
-        if pose_values is not None and (input_features is not None or input_ids is not None):
-            raise ValueError("Pass the encoder one input: input_features, input_ids or pose_values.")
-        if input_ids is not None and input_features is not None:
-            raise ValueError("Pass the encoder either input_features (audio) or input_ids (text), not both.")
-        modality = "pose" if pose_values is not None else "text" if input_ids is not None else "speech"
+        frame -> last_hidden_state (batch, frames, d_model). Video (`config.patch_frontend`): `pixel_values` (see
+        `forward_video`) -> last_hidden_state (batch, tubelets, d_model). The output's "modality" ("speech", "text",
+        "pose" or "video") tells the decoder which growth phases serve it."""
+        given = [x is not None for x in (input_features, input_ids, pose_values, pixel_values)]
+        if sum(given) > 1:
+            raise ValueError("Pass the encoder one input: input_features, input_ids, pose_values or pixel_values.")
+        modality = ("pose" if pose_values is not None else "video" if pixel_values is not None
+                    else "text" if input_ids is not None else "speech")  # fmt: skip
         with routing_modality(self, modality):
-            if pose_values is not None:
+            if pixel_values is not None:
+                outputs = self.forward_video(pixel_values, attention_mask=attention_mask, **kwargs)
+            elif pose_values is not None:
                 outputs = self.forward_pose(pose_values, attention_mask=attention_mask, **kwargs)
             elif input_ids is not None:
                 outputs = self.forward_text(input_ids, attention_mask=attention_mask, **kwargs)
@@ -801,6 +808,22 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         return WhisperMoEEncoderOutput(
             last_hidden_state=hidden_states, attention_mask=attention_mask, router_mask=packing.real.reshape(-1).long()
         )
+
+    @capture_outputs
+    def forward_video(
+        self, pixel_values: Video, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> "WhisperMoEEncoderOutput":
+        """RGB video -> last_hidden_state (batch, tubelets, d_model) through every encoder layer, with the (batch,
+        tubelets) mask of real tubelets. pixel_values: (batch, frames, height, width, 3) pixels in [0, 255] with
+        attention_mask (batch, frames), 1 = real frame, or a list of (frames, height, width, 3) clips of any sizes
+        (patches.py)."""
+        if not self.config.patch_frontend:
+            raise ValueError(
+                "This model has no patch front-end (config.patch_frontend=False); add one with "
+                "WhisperMoEForConditionalGeneration.add_patch_frontend()."
+            )
+        hidden_states, token_mask = self.embed_patches(pixel_values, attention_mask)
+        return self._encode_embedded(hidden_states, token_mask, self.layers, **kwargs)
 
     def _encode_embedded(self, hidden_states, attention_mask, layers, **kwargs) -> "WhisperMoEEncoderOutput":
         """A front-end's (batch, len, d_model) inputs through `layers` with padding masked; the mask comes back for
@@ -973,6 +996,7 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
         output_router_logits: bool | None = None,
         input_ids: torch.LongTensor | None = None,
         pose_values: torch.Tensor | None = None,
+        pixel_values: Video | None = None,
         **kwargs,
     ) -> WhisperMoEModelOutput:
         """Whisper's forward; with `output_router_logits` it also returns each sparse layer's router logits.
@@ -982,9 +1006,10 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        if encoder_outputs is None and (input_ids is not None or pose_values is not None):
-            encoder_outputs = self.encoder(input_ids=input_ids, pose_values=pose_values, attention_mask=attention_mask,
-                                           output_router_logits=output_router_logits, **kwargs)  # fmt: skip
+        if encoder_outputs is None and (input_ids is not None or pose_values is not None or pixel_values is not None):
+            encoder_outputs = self.encoder(input_ids=input_ids, pose_values=pose_values, pixel_values=pixel_values,
+                                           attention_mask=attention_mask, output_router_logits=output_router_logits,
+                                           **kwargs)  # fmt: skip
         elif encoder_outputs is None:
             input_features = self._mask_input_features(input_features, attention_mask=attention_mask)
             encoder_mask = attention_mask if self.config.variable_length_audio else None
@@ -993,7 +1018,7 @@ class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
-        encoder_mask = encoder_outputs.get("attention_mask")  # set by the text and pose front-ends only
+        encoder_mask = encoder_outputs.get("attention_mask")  # set by the text, pose and patch front-ends only
         if encoder_mask is not None:
             kwargs["encoder_padding_mask"] = encoder_mask
         with routing_modality(self.decoder, encoder_outputs.get("modality")):
@@ -1072,6 +1097,10 @@ class WhisperMoEForConditionalGeneration(
         """Give the encoder a pose front-end (sign-language keypoints, pose.py) and set `config.pose_frontend`."""
         return add_pose_frontend(self)
 
+    def add_patch_frontend(self) -> "WhisperMoEForConditionalGeneration":
+        """Give the encoder a patch front-end (RGB video tubelets, patches.py) and set `config.patch_frontend`."""
+        return add_patch_frontend(self)
+
     def add_wavenet_branch(
         self, layers: int, channels: int, dilations: list[int] | None = None, kernel_size: int = 2, seed: int = 0
     ) -> "WhisperMoEForConditionalGeneration":
@@ -1099,6 +1128,7 @@ class WhisperMoEForConditionalGeneration(
         num_items_in_batch: int | torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         pose_values: torch.Tensor | None = None,
+        pixel_values: Video | None = None,
         wavenet_input_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> WhisperMoEOutput:
@@ -1110,8 +1140,10 @@ class WhisperMoEForConditionalGeneration(
         this micro-batch's share of it, so the update does not depend on how the batch was split.
         `attention_mask` (batch, 3000) marks real mel frames and keeps padding out of the encoder's router losses.
         With text input (`input_ids`, batch x text_len) it marks real tokens instead, with poses (`pose_values`, batch
-        x frames x 27 x 4) real frames. `wavenet_input_ids` (batch, window): the tokens the WaveNet branch reads,
-        ending at the last decoder token (generation passes them, wavenet.py); `decoder_input_ids` when unset.
+        x frames x 27 x 4) or video (`pixel_values`, batch x frames x height x width x 3) real frames (the encoder
+        returns its own mask of real tubelets for the router losses). `wavenet_input_ids` (batch, window): the tokens
+        the WaveNet branch reads, ending at the last decoder token (generation passes them, wavenet.py);
+        `decoder_input_ids` when unset.
         """
         if labels is not None:
             if labels.shape[1] > self.max_target_positions:
@@ -1138,6 +1170,7 @@ class WhisperMoEForConditionalGeneration(
             output_router_logits=output_router_logits,
             input_ids=input_ids,
             pose_values=pose_values,
+            pixel_values=pixel_values,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -1216,7 +1249,7 @@ class WhisperMoEForConditionalGeneration(
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The real tokens each side's routers saw: (encoder mask, decoder mask), None where all were real."""
         encoder_mask = attention_mask[:, ::ENCODER_DOWNSAMPLING] if attention_mask is not None else None
-        if outputs.encoder_attention_mask is not None:  # text or poses: the mask already covers encoder positions
+        if outputs.encoder_attention_mask is not None:  # text, poses, video: the mask covers encoder positions
             encoder_mask = outputs.encoder_attention_mask
         if outputs.encoder_router_mask is not None:  # variable-length audio, packed poses: the tokens routed
             encoder_mask = outputs.encoder_router_mask[None]

@@ -14,6 +14,7 @@ from processing.distillation import DistillationArguments
 from processing.grokfast import GROKFAST_FILTERS, GradientFilter
 from processing.lifelong import LifelongArguments
 from processing.recipes import RECIPES_DIR, parse_recipe
+from processing.sign_corpora import SIGN_CORPORA
 from processing.tasks import task_names
 from processing.training import TRAINING_MODES
 
@@ -48,6 +49,10 @@ class ModelArguments:
     text_encoder_layers: int | None = field(
         default=None, metadata={"help": "encoder layers text runs through (text tasks; default: all)"}
     )
+    # the patch front-end of video tasks (sign_frontend=patches); None: WhisperMoEConfig's defaults
+    video_patch_size: int | None = field(default=None, metadata={"help": "pixels per patch side"})
+    video_tubelet_frames: int | None = field(default=None, metadata={"help": "frames per tubelet"})
+    video_token_dropout: float | None = field(default=None, metadata={"help": "tubelets dropped while training"})
     training_mode: str = field(
         default="full", metadata={"help": f"one of {', '.join(TRAINING_MODES)}, lifelong (the newest experts only)"}
     )
@@ -90,7 +95,24 @@ class DataArguments:
     sign_words_csv: list[str] = field(
         default_factory=list, metadata={"help": "sentence CSVs whose words are spelled (the en column)"}
     )
-    sign_examples: int = field(default=20_000, metadata={"help": "fingerspelled training words (drawn on the fly)"})
+    sign_examples: int = field(
+        default=20_000, metadata={"help": "training examples drawn on the fly (fingerspelled words, varied signs)"}
+    )
+    # isolated signs (video_to_text, processing/sign_corpora.py): the gloss of each recorded sign, as text
+    sign_corpus: str = field(default="fingerspelling", metadata={"help": f"one of {SIGN_CORPORA}"})
+    sign_root: str | None = field(
+        default=None, metadata={"help": "include: the pose release's root; wlasl: the folder of <video_id>.pose"}
+    )
+    include_subset: str = field(default="include", metadata={"help": "include (263 signs) or include50"})
+    wlasl_json: str | None = field(default=None, metadata={"help": "wlasl: WLASL_v0.3.json"})
+    wlasl_subset_json: str | None = field(default=None, metadata={"help": "wlasl: an nslt_*.json subset"})
+    # fingerspelled words drawn as RGB video for the patch front-end (sign_video.py)
+    sign_frontend: str = field(
+        default="pose",
+        metadata={"help": "pose (keypoints) or patches (the words rendered to RGB video, sign_video.py)"},
+    )
+    sign_video_size: int = field(default=64, metadata={"help": "rendered frames' side in pixels (patches)"})
+    sign_video_frame_step: int = field(default=5, metadata={"help": "render every n-th 25 fps frame (patches)"})
     # speech recognition (and speech translation)
     train_manifest: str | None = field(default=None, metadata={"help": "CSV path,text (paths relative to it)"})
     eval_manifest: str | None = field(default=None, metadata={"help": "defaults to train_manifest's eval_split"})

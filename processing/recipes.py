@@ -8,6 +8,7 @@ Recipes compose, so that no block is written twice:
 - `"data_root": "<folder>"` fills `{data_root}` in every string value (`"{data_root}/fsdd/manifest.csv"`); the flag
   `--data_root` overrides it. It is relative to the working directory, as every other path flag is.
 - `"moe": "<preset>"` names a file of `configuration/presets/` (see `processing.models.moe_options`).
+- keys that start with `_` (`"_comment"`) are notes for the reader, never flags.
 """
 
 import json
@@ -24,6 +25,7 @@ BASE_KEY = "base"
 DATA_ROOT_KEY = "data_root"
 DATA_ROOT_FIELD = "{" + DATA_ROOT_KEY + "}"
 MAX_BASE_DEPTH = 8  # a longer chain of bases is a cycle
+NOTE_PREFIX = "_"  # a recipe key starting with it is a note, not a flag
 
 
 def find_configuration(name_or_path: str | Path, folder: Path) -> Path:
@@ -49,6 +51,7 @@ def load_recipe(path: str | Path, depth: int = 0) -> dict:
         recipe = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"Recipe {path} is not valid JSON: {error}") from error
+    recipe = {key: value for key, value in recipe.items() if not key.startswith(NOTE_PREFIX)}
     base = recipe.pop(BASE_KEY, None)
     if base is None:
         return recipe

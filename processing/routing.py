@@ -14,22 +14,28 @@ import torch
 from modeling_whisper_moe.configuration_whisper_moe import WhisperMoEConfig
 from modeling_whisper_moe.modeling_whisper_moe import ENCODER_DOWNSAMPLING, IGNORE_INDEX, expert_shares, token_weights
 from modeling_whisper_moe.packing import plan_clip_packing, plan_packing
+from modeling_whisper_moe.patches import tubelet_mask
 
 ENTROPY_EPSILON = 1e-9  # keeps log(0) out of the entropy of a one-hot router
 
 
-def router_token_masks(config: WhisperMoEConfig, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+def router_token_masks(
+    config: WhisperMoEConfig, batch: Mapping[str, torch.Tensor], training: bool = False
+) -> dict[str, torch.Tensor | None]:
     """Bool masks of the real tokens each side's routers see for `batch` (the model's inputs), laid out as the
     router logits' rows: {"encoder": mask or None, "decoder": mask or None}, None where every token is real.
 
     Encoder: text tokens or pose frames of `attention_mask` (text or pose input; the frames as the encoder packs them
-    when `pack_pose`); for audio one position per two mel frames of `attention_mask` in a 30 s window, or, with
+    when `pack_pose`); the video tubelets the patch front-end gives `pixel_values` (after its token dropping when
+    `training`); for audio one position per two mel frames of `attention_mask` in a 30 s window, or, with
     `variable_length_audio`, the clips' real positions as the encoder lays them out (packed when `pack_audio`).
     Decoder: positions whose label is not IGNORE_INDEX.
     """
     labels, attention_mask = batch.get("labels"), batch.get("attention_mask")
     decoder = labels.ne(IGNORE_INDEX) if labels is not None and batch.get("decoder_input_ids") is None else None
-    if attention_mask is None:
+    if batch.get("pixel_values") is not None:
+        encoder = tubelet_mask(config, batch["pixel_values"], attention_mask, training)
+    elif attention_mask is None:
         encoder = None
     elif batch.get("pose_values") is not None and config.pack_pose:  # frames laid out as the encoder packs them
         encoder = plan_clip_packing(attention_mask).real

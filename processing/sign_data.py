@@ -117,6 +117,14 @@ def compose(word: str, lexicon: dict[str, tuple], rng: np.random.Generator, augm
     return keypoints.astype(np.float32), visible
 
 
+def augment_clip(keypoints: np.ndarray, visible: np.ndarray, rng: np.random.Generator, augment: Augmentation):
+    """One recorded clip (a whole sign) varied as `compose` varies each letter and then the word: (keypoints
+    (frames, 27, 3), visible (frames, 27)), raw (before normalisation)."""
+    keypoints, visible = _trim_and_time(keypoints, visible, rng, augment)
+    keypoints, visible = _camera_and_tracker(keypoints, visible, rng, augment)
+    return keypoints.astype(np.float32), visible
+
+
 def _trim_and_time(keypoints, visible, rng, augment: Augmentation):
     frames = len(keypoints)
     start = int(rng.uniform(0, augment.trim) * frames)
@@ -178,19 +186,23 @@ class FingerspellingDataset(torch.utils.data.Dataset):
 class PoseCollator:
     """Pads `pose_values` (batch, frames, 27, 4) with zeros and an `attention_mask` (batch, frames), 1 = real frame;
     `labels` (batch, tgt_len) with IGNORE_INDEX. Padding is on the right, as the encoder's packing of the clips
-    (`config.pack_pose`) takes them."""
+    (`config.pack_pose`) takes them. `key="pixel_values"` pads rendered video (batch, frames, height, width, 3) the
+    same way, in its own dtype."""
+
+    key: str = "pose_values"
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("PoseCollator got an empty list of examples")
-        frames = max(len(example["pose_values"]) for example in examples)
+        frames = max(len(example[self.key]) for example in examples)
         width = max(len(example["labels"]) for example in examples)
-        values = torch.zeros(len(examples), frames, *examples[0]["pose_values"].shape[1:])
+        first = torch.as_tensor(examples[0][self.key])
+        values = torch.zeros(len(examples), frames, *first.shape[1:], dtype=first.dtype)
         mask = torch.zeros(len(examples), frames, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         for row, example in enumerate(examples):
-            length = len(example["pose_values"])
-            values[row, :length] = torch.as_tensor(example["pose_values"])
+            length = len(example[self.key])
+            values[row, :length] = torch.as_tensor(example[self.key])
             mask[row, :length] = 1
             labels[row, : len(example["labels"])] = torch.as_tensor(example["labels"])
-        return {"pose_values": values, "attention_mask": mask, "labels": labels}
+        return {self.key: values, "attention_mask": mask, "labels": labels}

@@ -26,7 +26,15 @@ from transformers import Seq2SeqTrainingArguments
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration
 from modeling_whisper_moe.hub import atomic_directory
 from modeling_whisper_moe.model_card import model_card
-from processing.arguments import ModelArguments, RunArguments, TaskArguments, chosen_tasks, parse_arguments, task_plan
+from processing.arguments import (
+    DataArguments,
+    ModelArguments,
+    RunArguments,
+    TaskArguments,
+    chosen_tasks,
+    parse_arguments,
+    task_plan,
+)
 from processing.data import prepare_dataset, read_manifest
 from processing.distillation import DistillationTrainer, build_student
 from processing.lifelong import (
@@ -43,6 +51,7 @@ from processing.lifelong import (
 from processing.models import load_model
 from processing.multitask import MultiTaskCollator, TaskBatchSampler, TaskMixture
 from processing.pseudo_labels import PROMPT_AND_END_TOKENS
+from processing.sign_video import add_sign_video_frontend, check_sign_frontend
 from processing.tasks import TaskContext, get_task
 from processing.tasks.asr import set_decoder_prompt
 from processing.tasks.distillation import ARGUMENTS, DISTILLATION, TEACHER
@@ -68,12 +77,14 @@ def set_mixed_precision(model_args: ModelArguments, training_args: Seq2SeqTraini
         training_args.fp16 = not training_args.bf16
 
 
-def add_input_frontends(model, model_args: ModelArguments, tasks: list[str]) -> None:
+def add_input_frontends(model, model_args: ModelArguments, tasks: list[str], data_args: DataArguments) -> None:
     """Give a speech-to-text model the text front-end its text-input tasks read (or a new depth for one it has)
-    and the pose front-end its sign-language tasks read."""
+    and the pose front-end its sign-language tasks read (the patch front-end with `sign_frontend=patches`)."""
     if not isinstance(model, WhisperMoEForConditionalGeneration):
         return
-    if set(tasks) & set(POSE_INPUT_TASKS):
+    if set(tasks) & set(POSE_INPUT_TASKS) and check_sign_frontend(data_args.sign_frontend) == "patches":
+        add_sign_video_frontend(model, model_args, data_args)
+    elif set(tasks) & set(POSE_INPUT_TASKS):
         model.add_pose_frontend()
     if not set(tasks) & set(TEXT_INPUT_TASKS):
         return
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_mixed_precision(model_args, training_args)
     tasks = chosen_tasks(run.tasks, data_args)
     model, processor = load_model(model_args, data_args, run.recipe.get("tasks", tasks))
-    add_input_frontends(model, model_args, tasks)
+    add_input_frontends(model, model_args, tasks, data_args)
     model, teacher = distillation_models(model, run, tasks)
     model, frozen_rows = choose_trained(model, model_args, run.lifelong, training_args.seed)
     context = TaskContext(model, processor, data_args, model_args, training_args.seed, training_args.output_dir)

@@ -191,7 +191,7 @@ class WhisperMoETrainer(Seq2SeqTrainer):
         if not any(logits.values()):  # a dense baseline, or a speech-output batch
             return {}
         config, values = self.accelerator.unwrap_model(self.model).config, {}
-        masks = router_token_masks(config, inputs)
+        masks = router_token_masks(config, inputs, training=self.model.training)
         for side, router_logits in logits.items():
             sparse_layers = [i for i in range(getattr(config, f"{side}_layers")) if config.is_sparse_layer(side, i)]
             for layer, layer_logits in zip(sparse_layers, router_logits or ()):

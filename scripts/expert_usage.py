@@ -14,7 +14,8 @@ expert gets from real tokens (padding left out):
 - speech recognition: `--speech` clips of `--manifest` (of its `--split` rows when given; English, decoder prompted
   to transcribe);
 - text translation (a folder with `config.text_frontend`): `--text` of the pairs `scripts/train.py` held out;
-- sign language (a folder with `config.pose_frontend`): `--signs` fingerspelled held-out words;
+- sign language (a folder with `config.pose_frontend`, or `config.patch_frontend`: the words rendered to RGB
+  video): `--signs` fingerspelled held-out words;
 - speech synthesis (a generalist folder, `WhisperMoEForSpeechAndText`): `--speak` held-out digit sequences spoken by
   the espeak-ng voices it was trained on, with their exact frame counts (needs espeak-ng).
 
@@ -39,6 +40,7 @@ from modeling_whisper_moe.hub import atomic_directory
 from modeling_whisper_moe.modeling_whisper_moe_tts import WhisperMoEForSpeechAndText
 from processing.pruning import manifest_batches, phase_weight_shares, routing_counts
 from processing.sign_data import FingerspellingDataset, PoseCollator, read_lexicon, split_words, words_from_sentences
+from processing.sign_video import RenderedFingerspellingDataset, rendering_of
 from processing.text_data import (
     TextPairCollator,
     prepare_text_pairs,
@@ -81,16 +83,20 @@ def speech_output_batches(model, processor, folder: Path, limit: int):
 
 
 def pose_batches(model, processor, folder: Path, limit: int, batch_size: int):
-    """Teacher-forced batches of fingerspelled held-out words (a folder with `config.pose_frontend`), composed from
-    the lexicon and word lists of its training record."""
+    """Teacher-forced batches of fingerspelled held-out words (a folder with `config.pose_frontend`, or with
+    `config.patch_frontend`: rendered to video), composed from the lexicon and word lists of its training record."""
     data = json.loads((folder / "training_record.json").read_text(encoding="utf-8"))["data"]
     lexicon = read_lexicon(data["signed_language"])
     csvs = [path if Path(path).is_absolute() else REPO_ROOT / path for path in data["sign_words_csv"]]
     _, held_out = split_words(words_from_sentences(csvs), set(lexicon))
     prompt = text_decoder_prompt(model.generation_config, "en")[1:]
-    words = FingerspellingDataset(held_out, lexicon, limit, prompt, processor.tokenizer,
-                                  model.generation_config.eos_token_id, seed=0)  # fmt: skip
-    collate = PoseCollator()
+    common = dict(words=held_out, lexicon=lexicon, size=limit, prompt=prompt, tokenizer=processor.tokenizer,
+                  eos_id=model.generation_config.eos_token_id, seed=0)  # fmt: skip
+    if model.config.patch_frontend:  # the words drawn as RGB video, as its training run drew them
+        words, collate = RenderedFingerspellingDataset(**common, rendering=rendering_of(data)), PoseCollator(
+            key="pixel_values")  # fmt: skip
+    else:
+        words, collate = FingerspellingDataset(**common), PoseCollator()
     for start in range(0, limit, batch_size):
         yield collate([words[i] for i in range(start, min(start + batch_size, limit))])
 
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
             real_frames_only=True)  # fmt: skip
     if model.config.text_frontend:
         tasks["text translation"] = lambda: text_batches(model, processor, folder, args.text, args.batch_size)
-    if model.config.pose_frontend:
+    sign_frontend = model.config.pose_frontend or model.config.patch_frontend
+    if sign_frontend:
         tasks["sign language"] = lambda: pose_batches(model, processor, folder, args.signs, args.batch_size)
     if generalist:
         tasks["speech synthesis"] = lambda: speech_output_batches(model, processor, folder, args.speak)
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"model": str(folder), "untrained": args.untrained, "manifest": args.manifest, "split": splits,
               "speech_clips": args.speech, "text_pairs": args.text,
               "speech_synthesis_sequences": args.speak if generalist else 0,
-              "sign_words": args.signs if model.config.pose_frontend else 0, "shares": usage,
+              "sign_words": args.signs if sign_frontend else 0, "shares": usage,
               "total_variation": distances, "phase_weight_shares": phases}  # fmt: skip
     if args.output_json:
         output = Path(args.output_json)

@@ -5,6 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (`-n 2`: a worker per core) each worker, and every interpreter it starts, runs one thread; two
+# workers of two threads each on two cores spend their time switching between them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
@@ -143,6 +149,38 @@ def fsdd_bank(data_dir) -> DigitClipBank:
                 style = Style(speakers.index(row["speaker"]))
                 clips[(style, int(row["digit"]))] = load_audio(data_dir / "fsdd" / row["path"], SAMPLING_RATE)
     return DigitClipBank(speakers, clips)
+
+
+PORTRAIT_FPS, PORTRAIT_FRAMES, PORTRAIT_STEP = 25, 50, 2  # 2 s; the crop moves 2 pixels right and down a frame
+PORTRAIT_HEIGHT, PORTRAIT_WIDTH = 480, 400
+
+
+@pytest.fixture(scope="session")
+def portrait_video(tmp_path_factory) -> Path:
+    return write_portrait_video(tmp_path_factory.mktemp("video") / "portrait.mp4")
+
+
+def write_portrait_video(path: Path) -> Path:
+    """A person on video: an H.264 .mp4 of a crop window drifting across a real photograph (matplotlib's sample
+    portrait of Grace Hopper, head and shoulders; her hands are outside the picture). No video of a person is
+    available offline; MediaPipe tracks this one's body from frame to frame."""
+    import av
+    import matplotlib.cbook
+    import matplotlib.image
+    import numpy as np
+
+    photo = np.asarray(matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg")))  # (600, 512, 3)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=PORTRAIT_FPS)
+        stream.width, stream.height, stream.pix_fmt = PORTRAIT_WIDTH, PORTRAIT_HEIGHT, "yuv420p"
+        for index in range(PORTRAIT_FRAMES):
+            top = left = index * PORTRAIT_STEP
+            crop = np.ascontiguousarray(photo[top : top + PORTRAIT_HEIGHT, left : left + PORTRAIT_WIDTH])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(crop, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
 
 
 def run_without_package(script: str, *args, tmp_path: Path) -> dict:

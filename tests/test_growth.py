@@ -310,7 +310,7 @@ def test_inputs_a_phase_does_not_serve_give_its_parameters_no_gradient():
     assert all(router.input_modality is None for router in [block.router])  # the context was left
 
 
-@pytest.mark.parametrize("modalities", [["video"], [], "text"])
+@pytest.mark.parametrize("modalities", [["image"], [], "text"])
 def test_growth_modalities_must_be_known_input_modalities(modalities):
     phase = {"num_experts": 2, "num_experts_per_tok": 1, "encoder_layers": [], "decoder_layers": [0],
              "modalities": modalities}  # fmt: skip

@@ -1,5 +1,6 @@
-"""The generalist (one WhisperMoE for speech recognition, text translation and text-to-speech) on tiny random
-configs, its one-task-per-batch data, the training script end to end, and the pipelines from a saved folder."""
+"""The generalist (one WhisperMoE for speech recognition, text translation and text-to-speech, and sign language
+through its pose front-end) on tiny random configs, its one-task-per-batch data, the training script end to end, and
+the pipelines from a saved folder."""
 
 import json
 from collections import Counter
@@ -247,15 +248,19 @@ def test_synthetic_recognition_sequences_skip_held_out_ones(fsdd_bank, tiny_en_d
 
 PIPELINES_SCRIPT = """
 import sys
+import numpy as np
 from transformers import pipeline
 
 folder, clip = sys.argv[1], sys.argv[2]
 asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
 translator = pipeline("translation", model=folder, trust_remote_code=True)
 tts = pipeline("text-to-audio", model=folder, trust_remote_code=True)
+signer = pipeline("video-to-text", model=folder, trust_remote_code=True)
 speech = tts("three one four")
+keypoints = np.random.default_rng(0).normal(size=(12, 27, 3))
 result = {
-    "models": [type(p.model).__name__ for p in (asr, translator, tts)],
+    "models": [type(p.model).__name__ for p in (asr, translator, tts, signer)],
+    "spelled": signer(keypoints, max_new_tokens=4)["text"],
     "transcript": asr(clip, generate_kwargs={"max_new_tokens": 4})["text"],
     "translation": translator("Good morning.", src_lang="en", tgt_lang="de", max_new_tokens=4)[0]["translation_text"],
     "samples": len(speech["audio"]), "sampling_rate": speech["sampling_rate"],
@@ -279,38 +284,54 @@ def recipe(data_dir, tmp_path) -> Path:
     return path
 
 
-def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, data_dir, recipe, tmp_path):
+@pytest.fixture
+def sign_recipe(recipe, data_dir, tmp_path) -> Path:
+    """The multi-task recipe with sign language (video_to_text, fingerspelling) as a fourth task."""
+    settings = {**json.loads(recipe.read_text()),
+                "base": str(REPO_ROOT / "configuration" / "recipes" / "multitask-digits-sign.json"),
+                "sign_words_csv": [str(data_dir / "translation" / "tatoeba_en_de.csv")]}  # fmt: skip
+    path = tmp_path / "sign-recipe.json"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def test_training_script_trains_every_task_into_one_loadable_folder(base_moe, data_dir, sign_recipe, tmp_path):
     from processing.train import main
 
     out = tmp_path / "generalist"
     tiny = ["--d_model", "32", "--ffn_dim", "48", "--encoder_layers", "1", "--decoder_layers", "1",
-            "--attention_heads", "2", "--task_steps", "2", "3", "2", "--task_batch_sizes", "2", "2", "2",
+            "--attention_heads", "2", "--task_steps", "2", "3", "2", "2", "--task_batch_sizes", "2", "2", "2", "2",
             "--asr_synthetic_examples", "4", "--voices", "en-us", "--speeds", "160", "--pitches", "50",
-            "--logging_steps", "1"]  # fmt: skip
+            "--sign_examples", "4", "--logging_steps", "1"]  # fmt: skip
     whisper = str(base_moe.parent / "whisper-base")
-    metrics = main([str(recipe), "--output_dir", str(out), "--tokenizer_name_or_path", whisper, *tiny])
+    metrics = main([str(sign_recipe), "--output_dir", str(out), "--tokenizer_name_or_path", whisper, *tiny])
     assert metrics["train_wall_seconds"] > 0
     record = json.loads((out / "training_record.json").read_text())
-    assert record["tasks"] == {"asr": {"steps": 2, "batch_size": 2}, "translation": {"steps": 3, "batch_size": 2},
-                               "tts": {"steps": 2, "batch_size": 2}}  # fmt: skip
+    assert record["tasks"] == {
+        "asr": {"steps": 2, "batch_size": 2},
+        "translation": {"steps": 3, "batch_size": 2},
+        "tts": {"steps": 2, "batch_size": 2},
+        "video_to_text": {"steps": 2, "batch_size": 2},
+    }
+    assert WhisperMoEForSpeechAndText.from_pretrained(out).config.pose_frontend
     assert json.loads((out / "held_out_ids.json").read_text())["tgt_lang"] == "de"
     card = (out / "README.md").read_text()
     assert 'pipeline("translation"' in card and 'pipeline("text-to-audio"' in card
     clip = data_dir / "fsdd" / "recordings" / "0_george_0.wav"
     result = run_without_package(PIPELINES_SCRIPT, out, clip, tmp_path=tmp_path)
     assert result["leaked"] == []
-    assert result["models"] == ["WhisperMoEForSpeechAndText"] * 3
-    assert isinstance(result["transcript"], str) and isinstance(result["translation"], str)
+    assert result["models"] == ["WhisperMoEForSpeechAndText"] * 4
+    assert all(isinstance(result[key], str) for key in ("transcript", "translation", "spelled"))
     assert result["sampling_rate"] == SAMPLING_RATE and result["samples"] > 0
     # one task alone keeps that task's steps and batch size from the full recipe
-    single = main([str(recipe), "--output_dir", str(tmp_path / "asr"), "--tasks", "asr", "--tokenizer_name_or_path",
-                   whisper, *tiny])  # fmt: skip
+    single = main([str(sign_recipe), "--output_dir", str(tmp_path / "asr"), "--tasks", "asr",
+                   "--tokenizer_name_or_path", whisper, *tiny])  # fmt: skip
     assert json.loads((tmp_path / "asr" / "training_record.json").read_text())["tasks"] == {
         "asr": {"steps": 2, "batch_size": 2}
     }
     assert single["train_wall_seconds"] > 0
     with pytest.raises(ValueError, match="distinct names"):
-        main([str(recipe), "--output_dir", str(tmp_path / "x"), "--tasks", "asr", "speak", *tiny])
+        main([str(sign_recipe), "--output_dir", str(tmp_path / "x"), "--tasks", "asr", "speak", *tiny])
 
 
 def test_task_plan_keeps_each_tasks_steps_when_some_are_picked():

@@ -32,3 +32,10 @@ def test_a_flag_after_the_recipe_wins_over_its_empty_list(tmp_path):
     child = _write(tmp_path / "child.json", {"replay_manifest": []})
     (arguments,), _ = parse_recipe([str(child), "--replay_manifest", "c.csv"], [_Arguments])
     assert arguments.replay_manifest == ["c.csv"]
+
+
+def test_keys_starting_with_an_underscore_are_notes_not_flags(tmp_path):
+    base = _write(tmp_path / "base.json", {"_comment": "needs a GPU", "learning_rate": 0.5})
+    child = _write(tmp_path / "child.json", {"base": str(base), "_needs": ["a dataset"]})
+    (arguments,), recipe = parse_recipe([str(child)], [_Arguments])
+    assert arguments.learning_rate == 0.5 and not any(key.startswith("_") for key in recipe)

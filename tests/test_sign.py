@@ -11,6 +11,7 @@ import torch
 from conftest import REPO_ROOT, run_without_package, tiny_batch, tiny_moe, tiny_moe_config
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration
+from modeling_whisper_moe.keypoints import extract_keypoints
 from modeling_whisper_moe.packing import plan_clip_packing
 from modeling_whisper_moe.pose import (
     BODY_POINTS,
@@ -233,20 +234,26 @@ SIGN_REMOTE_SCRIPT = """
 import numpy as np
 from transformers import pipeline
 
-folder, pose_file = sys.argv[1], sys.argv[2]
+folder, pose_file, video, keypoints_file, corrupt, audio_only = sys.argv[1:7]
 signer = pipeline("video-to-text", model=folder, trust_remote_code=True)
 result = {"file": signer(pose_file, max_new_tokens=4)["text"],
-          "module": type(signer).__module__}
-try:
-    signer("/no/such/clip.mp4")
-except ValueError as error:
-    result["video_error"] = str(error)
+          "module": type(signer).__module__,
+          "video": signer(video, fps=5, max_new_tokens=4)["text"],
+          "video_keypoints": signer(dict(np.load(keypoints_file)), max_new_tokens=4)["text"]}
+for name, path in (("missing", "/no/such/clip.mp4"), ("corrupt", corrupt), ("audio_only", audio_only)):
+    try:
+        signer(path)
+    except (ValueError, OSError) as error:
+        result[name] = str(error)
 """
 
 
-def test_the_train_script_learns_video_to_text_into_a_folder_the_pipeline_reads(tiny_random_moe, tmp_path):
+def test_the_train_script_learns_video_to_text_into_a_folder_the_pipeline_reads(
+    tiny_random_moe, portrait_video, data_dir, tmp_path
+):
     """Two steps of the fingerspelling recipe on a tiny random model: the folder has the pose front-end and answers
-    `pipeline("video-to-text")` from its own code."""
+    `pipeline("video-to-text")` from its own code, for a `.pose` file and for a video file (as for the keypoints
+    MediaPipe finds in it); a missing, corrupt or audio-only file is named in the error."""
     out = tmp_path / "out"
     command = [sys.executable, str(REPO_ROOT / "scripts" / "train.py"),
                str(REPO_ROOT / "configuration" / "recipes" / "fingerspelling-ase.json"),
@@ -257,10 +264,20 @@ def test_the_train_script_learns_video_to_text_into_a_folder_the_pipeline_reads(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert WhisperMoEForConditionalGeneration.from_pretrained(out).config.pose_frontend
     pose_file = next((lexicon_dir() / "ase").glob("*.pose"))
-    remote = run_without_package(SIGN_REMOTE_SCRIPT, out, pose_file, tmp_path=tmp_path)
+    keypoints_file = tmp_path / "keypoints.npz"
+    keypoints, visible = extract_keypoints(portrait_video, fps=5)
+    np.savez(keypoints_file, keypoints=keypoints, visible=visible)
+    corrupt = tmp_path / "corrupt.mov"
+    corrupt.write_bytes(portrait_video.read_bytes()[:48] + bytes(range(256)) * 8)  # a header, then noise
+    audio_only = data_dir / "misc" / "jfk.m4a"
+    remote = run_without_package(
+        SIGN_REMOTE_SCRIPT, out, pose_file, portrait_video, keypoints_file, corrupt, audio_only, tmp_path=tmp_path
+    )
     assert remote["leaked"] == [] and remote["module"].startswith("transformers_modules")
-    assert isinstance(remote["file"], str)
-    assert "clip.mp4" in remote["video_error"] and ".pose" in remote["video_error"]
+    assert isinstance(remote["file"], str) and remote["video"] == remote["video_keypoints"]
+    assert "clip.mp4" in remote["missing"] and "not found" in remote["missing"]
+    assert "corrupt.mov" in remote["corrupt"] and "decode" in remote["corrupt"]
+    assert "jfk.m4a" in remote["audio_only"] and "no video stream" in remote["audio_only"]
     report = tmp_path / "sign.json"
     evaluate = [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--tasks", "video_to_text", "--model",
                 str(out), "--sign_words", "3", "--output_json", str(report)]  # fmt: skip

@@ -7,7 +7,8 @@
 - `translation`: BLEU / chrF on held-out Tatoeba pairs (`translation.py`);
 - `tts`: Whisper base's digit WER on held-out sequences the folder speaks (`tts.py`);
 - `speech_translation`: speech translation and language ID next to faster-whisper (`speech_translation.py`);
-- `video_to_text`: CER / word error and letter confusions on held-out fingerspelled words (`video_to_text.py`).
+- `video_to_text`: CER / word error and letter confusions on held-out fingerspelled words, or top-1 gloss accuracy
+  per split of an isolated-sign corpus (`video_to_text.py`).
 """
 
 from processing.evaluation import asr, asr_digits, speech_translation, translation, tts, video_to_text

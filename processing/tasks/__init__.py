@@ -8,7 +8,8 @@ of this package registers one task when imported:
     translation         text -> text through the encoder's text front-end (a CSV of sentence pairs)
     tts                 text -> log-mel (espeak-ng digits, or LJSpeech sentences)
     speech_translation  speech -> English text (Whisper's translate task on a manifest of translations)
-    video_to_text       sign-language keypoints -> text (fingerspelled words, the encoder's pose front-end)
+    video_to_text       sign-language keypoints -> text (fingerspelled words, or INCLUDE / WLASL glosses; the
+                        encoder's pose front-end)
     modular_arithmetic  "a + b" -> "(a + b) mod p" as text, the grokking task (exact-match accuracy on held-out pairs)
     distillation        speech -> text, a Distil-Whisper student trained on its teacher's pseudo-labels
 """
