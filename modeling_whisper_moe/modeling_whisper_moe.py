@@ -723,7 +723,10 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         "pose" or "video") tells the decoder which growth phases serve it."""
         given = [x is not None for x in (input_features, input_ids, pose_values, pixel_values)]
         if sum(given) > 1:
-            raise ValueError("Pass the encoder one input: input_features, input_ids, pose_values or pixel_values.")
+            raise ValueError(
+                "Pass the encoder one input of input_features (audio), input_ids (text), pose_values or pixel_values "
+                "(video), not both or several."
+            )
         modality = ("pose" if pose_values is not None else "video" if pixel_values is not None
                     else "text" if input_ids is not None else "speech")  # fmt: skip
         with routing_modality(self, modality):
