@@ -8,6 +8,7 @@ to decode *and to encode* one, and a streamed dataset encodes every example afte
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -357,3 +358,14 @@ def _shorten(items: list[str]) -> str:
     shown = ", ".join(str(item) for item in items[:MAX_NAMED_IN_ERRORS])
     more = len(items) - MAX_NAMED_IN_ERRORS
     return f"{shown} ... and {more} more" if more > 0 else shown
+
+
+def read_json(path: str | Path, what: str):
+    """The JSON document at `path`; `what` names the file in the errors ("Recipe", "WLASL file")."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from error

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from processing.data import read_json
+
 CONFIGURATION_DIR = Path(__file__).resolve().parents[1] / "configuration"
 RECIPES_DIR = CONFIGURATION_DIR / "recipes"
 PRESETS_DIR = CONFIGURATION_DIR / "presets"
@@ -45,12 +47,7 @@ def load_recipe(path: str | Path, depth: int = 0) -> dict:
     if depth > MAX_BASE_DEPTH:
         raise ValueError(f"Recipe {path}: more than {MAX_BASE_DEPTH} nested bases (a cycle?)")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Recipe not found: {path}")
-    try:
-        recipe = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"Recipe {path} is not valid JSON: {error}") from error
+    recipe = read_json(path, "Recipe")
     recipe = {key: value for key, value in recipe.items() if not key.startswith(NOTE_PREFIX)}
     base = recipe.pop(BASE_KEY, None)
     if base is None:

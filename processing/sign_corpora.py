@@ -22,7 +22,6 @@ are dead, so absent ones are always skipped. Either way the skipped paths are in
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import pickle
 import re
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from modeling_whisper_moe.pose import pose_values, read_pose, select_keypoints
-from processing.data import MAX_NAMED_IN_ERRORS
+from processing.data import MAX_NAMED_IN_ERRORS, read_json
 from processing.sign_data import Augmentation, augment_clip
 
 logger = logging.getLogger(__name__)
@@ -220,13 +219,7 @@ def _csv_rows(path: Path, columns: Sequence[str]) -> list[dict]:
 
 
 def _read_json(path: str | Path, kind: type, shape: str):
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"WLASL file not found: {path}")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    content = read_json(path, "WLASL file")
     if not isinstance(content, kind):
         raise ValueError(f"{path}: expected {shape}, got a {type(content).__name__}")
     return content
