@@ -803,10 +803,7 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         packing = plan_clip_packing(attention_mask)
         hidden_states = F.dropout(pack(hidden_states, packing), p=self.dropout, training=self.training)
         self_attention_mask = self._attention_mask(block_diagonal_mask(packing), hidden_states.dtype)
-        for encoder_layer in self.layers:
-            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
-                continue
-            hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
+        hidden_states = self._run_layers(hidden_states, self_attention_mask, self.layers, **kwargs)
         hidden_states = unpack(self.layer_norm(hidden_states), packing, batch_size, seq_len)
         return WhisperMoEEncoderOutput(
             last_hidden_state=hidden_states, attention_mask=attention_mask, router_mask=packing.real.reshape(-1).long()
@@ -835,10 +832,7 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         self_attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
-        for encoder_layer in layers:
-            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
-                continue
-            hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
+        hidden_states = self._run_layers(hidden_states, self_attention_mask, layers, **kwargs)
         return WhisperMoEEncoderOutput(last_hidden_state=self.layer_norm(hidden_states), attention_mask=attention_mask)
 
     @capture_outputs
@@ -881,10 +875,7 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         else:
             keep, router_mask = real[:, None, None, :].expand(-1, 1, seq_len, -1), real
         self_attention_mask = self._attention_mask(keep, hidden_states.dtype)
-        for encoder_layer in self.layers:
-            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
-                continue
-            hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
+        hidden_states = self._run_layers(hidden_states, self_attention_mask, self.layers, **kwargs)
         hidden_states = self.layer_norm(hidden_states)
         if packing is not None:
             hidden_states = unpack(hidden_states, packing, batch_size, seq_len)
@@ -893,6 +884,14 @@ class WhisperMoEEncoder(WhisperMoEPreTrainedModel, WhisperEncoder):
         return WhisperMoEEncoderOutput(
             last_hidden_state=hidden_states, attention_mask=real.long(), router_mask=router_mask.reshape(-1).long()
         )
+
+    def _run_layers(self, hidden_states, self_attention_mask, layers, **kwargs) -> torch.Tensor:
+        """(rows, len, d_model) through `layers` under `self_attention_mask`, with Whisper's layer drop in training."""
+        for encoder_layer in layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            hidden_states = encoder_layer(hidden_states, self_attention_mask, **kwargs)
+        return hidden_states
 
     def _attention_mask(self, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A (batch, 1, q, k) bool mask, True = attend, in the form this model's attention implementation takes."""
