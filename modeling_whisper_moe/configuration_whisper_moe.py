@@ -15,7 +15,9 @@ GROWTH_OPTIONAL_KEYS = frozenset({GROWTH_PEER_KEY, GROWTH_MODALITIES_KEY})
 # what the encoder reads: log-mel audio, token ids, sign keypoints, RGB video patches
 INPUT_MODALITIES = ("speech", "text", "pose", "video")
 TTT_TYPES = ("linear", "mlp")  # TTT-Linear, TTT-MLP (ttt.py)
-PEER_KEYS = frozenset({"num_keys", "num_heads", "num_experts_per_head", "key_dim"})  # a phase's "peer" entry
+# a phase's "peer" entry: 128**2 single-neuron experts, 4 retrieval heads of top-16, queries 128 wide, by default
+PEER_DEFAULTS = {"num_keys": 128, "num_heads": 4, "num_experts_per_head": 16, "key_dim": 128}
+PEER_KEYS = frozenset(PEER_DEFAULTS)
 WAVENET_KEYS = frozenset({"layers", "channels", "dilations", "kernel_size", "alpha"})  # `wavenet_branch` (wavenet.py)
 WAVENET_DEFAULTS = {"kernel_size": 2, "alpha": 0.0}  # WaveNet's kernel; alpha 0: the decoder is unchanged
 WAVENET_DILATION_CYCLE = 10  # default dilations 1, 2, ..., 512, then again from 1, as in WaveNet

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.utils.output_capturing import install_output_capuring_hook
 
-from .configuration_whisper_moe import GROWTH_MODALITIES_KEY, GROWTH_PEER_KEY, WhisperMoEConfig
+from .configuration_whisper_moe import GROWTH_MODALITIES_KEY, GROWTH_PEER_KEY, PEER_DEFAULTS, WhisperMoEConfig
 from .modeling_whisper_moe import WhisperMoEMLP, WhisperMoERouter, WhisperMoESparseBlock
 from .peer import PEER
 
@@ -102,20 +102,17 @@ def grow_experts(
 
 def grow_peer(
     model: nn.Module,
-    num_keys: int = 128,
-    num_heads: int = 4,
-    num_experts_per_head: int = 16,
-    key_dim: int = 128,
     encoder_layers: Sequence[int] | None = None,
     decoder_layers: Sequence[int] | None = None,
     seed: int = 0,
+    **sizes: int,
 ) -> nn.Module:
     """A growth phase that gives each chosen layer (as in `grow_experts`) a PEER block of `num_keys`**2 experts,
-    `num_heads` x top-`num_experts_per_head` per token (peer.py), and no new routed experts; in place. Returns
-    `model`, whose outputs are unchanged."""
-    spec = {"num_keys": num_keys, "num_heads": num_heads, "num_experts_per_head": num_experts_per_head,
-            "key_dim": key_dim}  # fmt: skip
-    WhisperMoEConfig.check_peer(spec)  # before anything changes
+    `num_heads` x top-`num_experts_per_head` per token with queries `key_dim` wide (peer.py), and no new routed
+    experts; in place. `sizes` override `PEER_DEFAULTS` (configuration_whisper_moe.py). Returns `model`, whose outputs
+    are unchanged."""
+    spec = {**PEER_DEFAULTS, **sizes}
+    WhisperMoEConfig.check_peer(spec)  # before anything changes, naming any unknown size
     return grow_experts(model, 0, 0, encoder_layers, decoder_layers, seed=seed, peer=spec)
 
 

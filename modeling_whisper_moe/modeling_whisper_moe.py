@@ -10,7 +10,7 @@ upcycling.py.
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from transformers.models.whisper.modeling_whisper import (
     shift_tokens_right,
     sinusoids,
 )
+from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_whisper_moe import WhisperMoEConfig
@@ -43,7 +44,7 @@ from .patches import PatchFrontend, Video, add_patch_frontend
 from .peer import PEER, peer_blocks
 from .pose import PoseFrontend, add_pose_frontend
 from .quantization import quantize_model
-from .ttt import TTTBase, cached_state, ttt_sublayer
+from .ttt import TTTBase, add_ttt, cached_state, ttt_sublayer
 from .upcycling import add_text_frontend, upcycle
 from .wavenet import WaveNetBranch, add_wavenet_branch
 
@@ -609,37 +610,17 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
         return grow_experts(self, num_new, num_experts_per_tok, *layers, init, seed, modalities=modalities)
 
     def add_peer(
-        self,
-        num_keys: int = 128,
-        num_heads: int = 4,
-        num_experts_per_head: int = 16,
-        key_dim: int = 128,
-        encoder_layers: list[int] | None = None,
-        decoder_layers: list[int] | None = None,
-        seed: int = 0,
+        self, encoder_layers: list[int] | None = None, decoder_layers: list[int] | None = None, seed: int = 0, **sizes
     ) -> "WhisperMoEPreTrainedModel":
         """Grow a PEER block of `num_keys`**2 single-neuron experts beside the chosen layers' feed-forward blocks
-        (every sparse layer by default), outputs unchanged; in place. See peer.py and growth.py."""
+        (every sparse layer by default), outputs unchanged; in place. `sizes`: num_keys, num_heads,
+        num_experts_per_head, key_dim (defaults: `PEER_DEFAULTS`). See peer.py and growth.py."""
         from .growth import grow_peer
 
-        sizes = (num_keys, num_heads, num_experts_per_head, key_dim)
-        return grow_peer(self, *sizes, encoder_layers, decoder_layers, seed)
+        return grow_peer(self, encoder_layers, decoder_layers, seed, **sizes)
 
-    def add_ttt(
-        self,
-        encoder_layers: list[int] | None = None,
-        decoder_layers: list[int] | None = None,
-        ttt_type: str = "mlp",
-        mini_batch_size: int = 16,
-        base_lr: float | None = None,
-        num_heads: int | None = None,
-        seed: int = 0,
-    ) -> "WhisperMoEPreTrainedModel":
-        """Give the chosen layers (all by default) a Test-Time-Training sub-layer with closed gates, outputs
-        unchanged; in place. See ttt.py."""
-        from .ttt import add_ttt
-
-        return add_ttt(self, encoder_layers, decoder_layers, ttt_type, mini_batch_size, base_lr, num_heads, seed)
+    # model.add_ttt(encoder_layers=None, decoder_layers=None, ttt_type="mlp", ...): ttt.add_ttt as a method
+    add_ttt = add_ttt
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -974,6 +955,12 @@ class WhisperMoEOutput(Seq2SeqLMOutput):
     decoder_router_logits: tuple[torch.Tensor, ...] | None = None
 
 
+def _shared_fields(output: ModelOutput, target: type[ModelOutput]) -> dict:
+    """The fields of `output` that `target` has too (cache, hidden states, attentions, router logits), by name."""
+    names = {field.name for field in fields(target)}
+    return {field.name: getattr(output, field.name) for field in fields(output) if field.name in names}
+
+
 class WhisperMoEModel(WhisperMoEPreTrainedModel, WhisperModel):
     def __init__(self, config: WhisperMoEConfig):
         WhisperMoEPreTrainedModel.__init__(self, config)
@@ -1163,8 +1150,8 @@ class WhisperMoEForConditionalGeneration(
             input_features,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
-            encoder_outputs=encoder_outputs,
             decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
             cache=cache,
             decoder_inputs_embeds=decoder_inputs_embeds,
             decoder_position_ids=decoder_position_ids,
@@ -1194,20 +1181,7 @@ class WhisperMoEForConditionalGeneration(
                 losses["aux_loss"] = losses["aux_loss"] * share
             if losses["aux_loss"] is not None:
                 loss = loss + losses["aux_loss"].to(loss.device)
-        return WhisperMoEOutput(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            decoder_hidden_states=outputs.decoder_hidden_states,
-            decoder_attentions=outputs.decoder_attentions,
-            cross_attentions=outputs.cross_attentions,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            encoder_attentions=outputs.encoder_attentions,
-            encoder_router_logits=outputs.encoder_router_logits,
-            decoder_router_logits=outputs.decoder_router_logits,
-            **losses,
-        )
+        return WhisperMoEOutput(loss=loss, logits=logits, **_shared_fields(outputs, WhisperMoEOutput), **losses)
 
     def _wavenet_inputs(
         self,

@@ -56,6 +56,12 @@ def _layer_list(text: str | None) -> list[int] | None:
         ) from error
 
 
+def _add_layer_flags(parser: argparse.ArgumentParser, name: str, default: object, help: str) -> None:
+    """--encoder-NAME and --decoder-NAME: which layers of each side a command changes (`_layer_list`)."""
+    for side in ("encoder", "decoder"):
+        parser.add_argument(f"--{side}-{name}", type=_layer_list, default=default, help=help)
+
+
 # command-line flag -> WhisperMoEConfig field
 _MOE_FLAGS = {
     "num_experts": "num_experts",
@@ -295,19 +301,33 @@ def _quantize(args: argparse.Namespace) -> None:
     )
 
 
+def _folder_command(commands, name: str, help: str, src: str) -> argparse.ArgumentParser:
+    """A sub-command that reads a folder (`src`, described by `src`) and writes another (`dst`)."""
+    command = commands.add_parser(name, help=help)
+    command.add_argument("src", help=src)
+    command.add_argument("dst", help="output folder")
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisper-moe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert-ct2", help="CTranslate2 (faster-whisper) checkpoint -> transformers folder")
-    convert.add_argument("src", help="a CTranslate2 model folder, or a bundled one: 'tiny.en' or 'base'")
-    convert.add_argument("dst", help="output folder")
+    convert = _folder_command(
+        commands,
+        "convert-ct2",
+        "CTranslate2 (faster-whisper) checkpoint -> transformers folder",
+        src="a CTranslate2 model folder, or a bundled one: 'tiny.en' or 'base'",
+    )
     convert.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     convert.set_defaults(run=_convert_ct2)
 
-    upcycle = commands.add_parser("upcycle", help="dense Whisper folder -> WhisperMoE Hub folder")
-    upcycle.add_argument("src", help="a transformers WhisperForConditionalGeneration folder")
-    upcycle.add_argument("dst", help="output folder")
+    upcycle = _folder_command(
+        commands,
+        "upcycle",
+        "dense Whisper folder -> WhisperMoE Hub folder",
+        src="a transformers WhisperForConditionalGeneration folder",
+    )
     upcycle.add_argument("--preset", help="JSON of WhisperMoEConfig fields, e.g. configuration/presets/moe-8x2.json")
     upcycle.add_argument("--num-experts", type=int, default=_UNSET, help=f"default {MOE_DEFAULTS.num_experts}")
     upcycle.add_argument(
@@ -320,48 +340,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="split each expert into this many experts of 1/m the width, routed top-(k*m) (fine-grained); default 1",
     )
     upcycle.add_argument("--shared-experts", type=int, default=_UNSET, help="always-on experts per sparse layer")
-    upcycle.add_argument("--encoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")
-    upcycle.add_argument("--decoder-sparse-layers", type=_layer_list, default=_UNSET, help="'all', 'none' or 0,2,4")
+    _add_layer_flags(upcycle, "sparse-layers", _UNSET, "'all', 'none' or 0,2,4")
     upcycle.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
     upcycle.set_defaults(run=_upcycle)
 
-    grow = commands.add_parser("add-experts", help="append new experts to a WhisperMoE folder, outputs unchanged")
-    grow.add_argument("src", help="a float WhisperMoE folder (upcycled or fine-tuned)")
-    grow.add_argument("dst", help="output folder")
+    grow = _folder_command(
+        commands,
+        "add-experts",
+        "append new experts to a WhisperMoE folder, outputs unchanged",
+        src="a float WhisperMoE folder (upcycled or fine-tuned)",
+    )
     grow.add_argument("--num-new", type=int, required=True, help="experts added to each chosen layer")
     grow.add_argument("--num-experts-per-tok", type=int, default=1, help="top-k among the new experts")
-    grow.add_argument("--encoder-layers", type=_layer_list, default=None, help="'all' sparse ones, 'none' or 0,2")
-    grow.add_argument("--decoder-layers", type=_layer_list, default=None, help="'all' sparse ones, 'none' or 0,2")
+    _add_layer_flags(grow, "layers", None, "'all' sparse ones, 'none' or 0,2")
     grow.add_argument("--init", default="copy", choices=["copy", "random"], help="new experts' input projection")
     grow.add_argument("--seed", type=int, default=0)
     grow.add_argument("--modalities", type=lambda text: text.split(","), default=None,
                       help="inputs the new experts serve, e.g. text or speech,pose (default: all)")  # fmt: skip
     grow.set_defaults(run=_add_experts)
 
-    ttt = commands.add_parser("add-ttt", help="add Test-Time-Training sub-layers to a folder, outputs unchanged")
-    ttt.add_argument("src", help="a float Whisper or WhisperMoE folder (converted, upcycled or fine-tuned)")
-    ttt.add_argument("dst", help="output folder")
+    ttt = _folder_command(
+        commands,
+        "add-ttt",
+        "add Test-Time-Training sub-layers to a folder, outputs unchanged",
+        src="a float Whisper or WhisperMoE folder (converted, upcycled or fine-tuned)",
+    )
     ttt.add_argument("--type", default="mlp", choices=["linear", "mlp"], help="TTT-Linear or TTT-MLP")
-    ttt.add_argument("--encoder-layers", type=_layer_list, default=None, help="'all' (default), 'none' or 0,2")
-    ttt.add_argument("--decoder-layers", type=_layer_list, default=None, help="'all' (default), 'none' or 0,2")
+    _add_layer_flags(ttt, "layers", None, "'all' (default), 'none' or 0,2")
     ttt.add_argument("--mini-batch-size", type=int, default=16, help="tokens per inner gradient step")
     ttt.add_argument("--base-lr", type=float, default=None, help="inner base rate; 1.0 (linear) / 0.1 (mlp)")
     ttt.add_argument("--num-heads", type=int, default=None, help="TTT heads; the attention heads by default")
     ttt.add_argument("--seed", type=int, default=0)
     ttt.set_defaults(run=_add_ttt)
 
-    student = commands.add_parser("make-student", help="a Distil-Whisper student: the encoder, a few decoder layers")
-    student.add_argument("src", help="the teacher: a WhisperMoE folder")
-    student.add_argument("dst", help="output folder")
+    student = _folder_command(
+        commands,
+        "make-student",
+        "a Distil-Whisper student: the encoder, a few decoder layers",
+        src="the teacher: a WhisperMoE folder",
+    )
     student.add_argument("--decoder-layers", type=int, default=2, help="decoder layers kept (first and last among)")
     student.add_argument("--dense-decoder", choices=["average", "busiest"], help="merge each layer's experts into one")
     student.add_argument("--manifest", help="CSV with path,text whose audio picks the busiest expert")
     student.add_argument("--limit", type=int, default=64, help="clips of --manifest to route")
     student.set_defaults(run=_make_student)
 
-    prune = commands.add_parser("prune-experts", help="keep each sparse layer's most-used experts")
-    prune.add_argument("src", help="a WhisperMoE folder")
-    prune.add_argument("dst", help="output folder")
+    prune = _folder_command(
+        commands, "prune-experts", "keep each sparse layer's most-used experts", src="a WhisperMoE folder"
+    )
     prune.add_argument("--keep", type=int, required=True, help="experts kept per sparse layer")
     prune.add_argument("--manifest", required=True, help="CSV with path,text whose audio measures expert use")
     prune.add_argument("--limit", type=int, default=64, help="rows of the manifest to run")
@@ -369,9 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=8)
     prune.set_defaults(run=_prune_experts)
 
-    quantize = commands.add_parser("quantize", help="WhisperMoE folder -> int8 folder for CPU inference")
-    quantize.add_argument("src", help="a float WhisperMoE folder")
-    quantize.add_argument("dst", help="output folder")
+    quantize = _folder_command(
+        commands, "quantize", "WhisperMoE folder -> int8 folder for CPU inference", src="a float WhisperMoE folder"
+    )
     quantize.add_argument("--dtype", default="int8", help="weight type; int8 (CPU int8 kernels)")
     # float by default: on LibriSpeech test-other the int8 vocabulary projection cost tiny.en 8x2 0.6 WER points
     quantize.add_argument(

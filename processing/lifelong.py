@@ -32,7 +32,7 @@ from datasets import Dataset, concatenate_datasets
 from torch import nn
 from transformers import TrainerCallback
 
-from modeling_whisper_moe.configuration_whisper_moe import WhisperMoEConfig
+from modeling_whisper_moe.configuration_whisper_moe import PEER_DEFAULTS, WhisperMoEConfig
 from modeling_whisper_moe.growth import grow_experts, previous_model
 from modeling_whisper_moe.modeling_whisper_moe import IGNORE_INDEX, WhisperMoERouter
 from modeling_whisper_moe.peer import PEER
@@ -63,9 +63,11 @@ class LifelongArguments:
     grow_peer_keys: int = field(
         default=0, metadata={"help": "sub-keys of a PEER block (keys^2 experts) beside each grown layer (0: none)"}
     )
-    grow_peer_heads: int = field(default=4, metadata={"help": "retrieval heads of the PEER block"})
-    grow_peer_experts_per_head: int = field(default=16, metadata={"help": "experts each PEER head retrieves (top-k)"})
-    grow_peer_key_dim: int = field(default=128, metadata={"help": "query width of a PEER head (even)"})
+    grow_peer_heads: int = field(default=PEER_DEFAULTS["num_heads"], metadata={"help": "PEER retrieval heads"})
+    grow_peer_experts_per_head: int = field(
+        default=PEER_DEFAULTS["num_experts_per_head"], metadata={"help": "experts each PEER head retrieves (top-k)"}
+    )
+    grow_peer_key_dim: int = field(default=PEER_DEFAULTS["key_dim"], metadata={"help": "PEER query width (even)"})
     anchor_coef: float = field(default=1.0, metadata={"help": "router anchoring weight on replay rows (0: off)"})
     distill_coef: float = field(default=1.0, metadata={"help": "KL-to-previous-model weight (0: off)"})
     distill_temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the distillation"})

@@ -68,7 +68,7 @@ from modeling_whisper_moe import (
     WhisperMoEProcessor,
     load_audio,
 )
-from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS
+from modeling_whisper_moe.configuration_whisper_moe import EXPERTS_IMPLEMENTATIONS, PEER_DEFAULTS
 from modeling_whisper_moe.generation_whisper_moe import LONG_FORM_DEFAULTS
 from modeling_whisper_moe.growth import grow_experts, grow_peer
 from modeling_whisper_moe.model_card import count_parameters
@@ -751,10 +751,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-form-limit", type=int, help="recordings to transcribe (default: all)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), help="what to time")
     parser.add_argument("--growth-experts", type=int, default=2, help="growth: experts added per decoder layer")
-    parser.add_argument("--peer-keys", type=int, default=128, help="growth: PEER sub-keys (keys^2 experts per layer)")
-    parser.add_argument("--peer-heads", type=int, default=4, help="growth: PEER retrieval heads")
-    parser.add_argument("--peer-experts-per-head", type=int, default=16, help="growth: PEER top-k per head")
-    parser.add_argument("--peer-key-dim", type=int, default=128, help="growth: PEER query width")
+    peer = PEER_DEFAULTS
+    parser.add_argument(
+        "--peer-keys", type=int, default=peer["num_keys"], help="growth: PEER sub-keys (keys^2 experts)"
+    )
+    parser.add_argument("--peer-heads", type=int, default=peer["num_heads"], help="growth: PEER retrieval heads")
+    parser.add_argument(
+        "--peer-experts-per-head", type=int, default=peer["num_experts_per_head"], help="growth: top-k"
+    )
+    parser.add_argument("--peer-key-dim", type=int, default=peer["key_dim"], help="growth: PEER query width")
     parser.add_argument("--ttt-tokens", type=int, nargs="+", default=[1500, 6000, 24000], help="ttt: lengths")
     parser.add_argument("--pose-clips", type=int, default=64, help="pose_packing: fingerspelled words to encode")
     parser.add_argument("--pose-batches", type=int, nargs="+", default=[64, 16], help="pose_packing: batch sizes")

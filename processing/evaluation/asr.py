@@ -502,12 +502,9 @@ def evaluate(models: Sequence[ModelRef], args: argparse.Namespace) -> dict:
     return build_report(args, utts, normalize.spelling_mapping_source, batch_size, results)
 
 
-EVALUATOR = Evaluator(
-    name="asr",
-    trained_task="asr",
-    description="WER / CER (Whisper's English normaliser), RTF, latency, parameters, FLOPs on --manifest",
-    add_arguments=add_arguments,
-    check=check_args,
-    evaluate=evaluate,
+EVALUATOR = Evaluator.of_module(
+    __name__,
+    "asr",
+    "WER / CER (Whisper's English normaliser), RTF, latency, parameters, FLOPs on --manifest",
     markdown=markdown_table,
 )

@@ -127,12 +127,6 @@ def markdown(report: dict) -> str:
     return markdown_table(header, rows)
 
 
-EVALUATOR = Evaluator(
-    name="asr_digits",
-    trained_task="asr",
-    description="digit error rate on FSDD's test split and on held-out sequences in an unseen espeak-ng voice",
-    add_arguments=add_arguments,
-    check=check_args,
-    evaluate=evaluate,
-    markdown=markdown,
+EVALUATOR = Evaluator.of_module(
+    __name__, "asr", "digit error rate on FSDD's test split and on held-out sequences in an unseen espeak-ng voice"
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,23 @@ class Evaluator:
     check: Callable[[argparse.Namespace], None]
     evaluate: Callable[[Sequence[ModelRef], argparse.Namespace], dict]
     markdown: Callable[[dict], str]
+
+    @classmethod
+    def of_module(
+        cls, module_name: str, trained_task: str, description: str, markdown: Callable[[dict], str] | None = None
+    ) -> Evaluator:
+        """The evaluator a module of this package defines, named after the module: its `add_arguments`,
+        `check_args`, `evaluate` and (unless `markdown` is given) `markdown` functions."""
+        module = sys.modules[module_name]
+        return cls(
+            name=module_name.rpartition(".")[2],
+            trained_task=trained_task,
+            description=description,
+            add_arguments=module.add_arguments,
+            check=module.check_args,
+            evaluate=module.evaluate,
+            markdown=markdown or module.markdown,
+        )
 
 
 def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kwargs: Any) -> None:

@@ -338,12 +338,9 @@ def markdown_all(report: dict) -> str:
     return "\n\n".join(f"**{name}**\n\n{markdown(entry)}".rstrip("\n") for name, entry in models.items())
 
 
-EVALUATOR = Evaluator(
-    name="speech_translation",
-    trained_task="asr",
-    description="speech translation, language ID and transcription of espeak-ng Tatoeba speech vs faster-whisper",
-    add_arguments=add_arguments,
-    check=check_args,
-    evaluate=evaluate,
+EVALUATOR = Evaluator.of_module(
+    __name__,
+    "asr",
+    "speech translation, language ID and transcription of espeak-ng Tatoeba speech vs faster-whisper",
     markdown=markdown_all,
 )

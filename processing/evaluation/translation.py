@@ -122,12 +122,6 @@ def markdown(report: dict) -> str:
     return markdown_table(header, rows)
 
 
-EVALUATOR = Evaluator(
-    name="translation",
-    trained_task="translation",
-    description="BLEU / chrF on the held-out Tatoeba pairs (folders run without this package)",
-    add_arguments=add_arguments,
-    check=check_args,
-    evaluate=evaluate,
-    markdown=markdown,
+EVALUATOR = Evaluator.of_module(
+    __name__, "translation", "BLEU / chrF on the held-out Tatoeba pairs (folders run without this package)"
 )

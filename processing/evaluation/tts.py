@@ -193,12 +193,6 @@ def markdown(report: dict) -> str:
     return markdown_table(header, rows)
 
 
-EVALUATOR = Evaluator(
-    name="tts",
-    trained_task="tts",
-    description="Whisper base's digit WER on held-out digit sequences each folder speaks (and espeak-ng ceilings)",
-    add_arguments=add_arguments,
-    check=check_args,
-    evaluate=evaluate,
-    markdown=markdown,
+EVALUATOR = Evaluator.of_module(
+    __name__, "tts", "Whisper base's digit WER on held-out digit sequences each folder speaks (and espeak-ng ceilings)"
 )

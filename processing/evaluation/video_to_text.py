@@ -188,13 +188,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-EVALUATOR = Evaluator(
-    name="video_to_text",
-    trained_task="video_to_text",
-    description="CER / word error and the letter confusions on held-out fingerspelled words; top-1 gloss accuracy "
+EVALUATOR = Evaluator.of_module(
+    __name__,
+    "video_to_text",
+    "CER / word error and the letter confusions on held-out fingerspelled words; top-1 gloss accuracy "
     "per split for isolated signs (INCLUDE, WLASL)",
-    add_arguments=add_arguments,
-    check=check_args,
-    evaluate=evaluate,
-    markdown=markdown,
 )

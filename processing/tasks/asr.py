@@ -115,12 +115,4 @@ def build_metrics(context: TaskContext):
     return make_compute_metrics(context.tokenizer, english_normalizer(context.model_args.model_name_or_path))
 
 
-ASR = register_task(
-    Task(
-        name="asr",
-        build_data=build_data,
-        build_collator=build_collator,
-        build_metrics=build_metrics,
-        evaluator_name="asr",
-    )  # fmt: skip
-)
+ASR = register_task(Task("asr", build_data, build_collator, build_metrics=build_metrics, evaluator_name="asr"))

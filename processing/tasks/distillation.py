@@ -122,11 +122,5 @@ def build_collator(context: TaskContext):
 
 
 DISTILLATION = register_task(
-    Task(
-        name="distillation",
-        build_data=build_data,
-        build_collator=build_collator,
-        build_metrics=build_metrics,
-        evaluator_name="asr",
-    )  # fmt: skip
+    Task("distillation", build_data, build_collator, build_metrics=build_metrics, evaluator_name="asr")
 )

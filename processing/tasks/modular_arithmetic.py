@@ -103,10 +103,10 @@ def exact_match(prediction: EvalPrediction) -> dict[str, float]:
 
 MODULAR_ARITHMETIC = register_task(
     Task(
-        name="modular_arithmetic",
-        build_data=build_data,
-        build_collator=build_collator,
+        "modular_arithmetic",
+        build_data,
+        build_collator,
         build_metrics=lambda context: exact_match,
         preprocess_logits=argmax_ids,
-    )  # fmt: skip
+    )
 )

@@ -18,10 +18,10 @@ def build_data(context: TaskContext) -> TaskData:
 
 SPEECH_TRANSLATION = register_task(
     Task(
-        name="speech_translation",
-        build_data=build_data,
-        build_collator=asr.build_collator,
+        "speech_translation",
+        build_data,
+        asr.build_collator,
         build_metrics=asr.build_metrics,
         evaluator_name="speech_translation",
-    )  # fmt: skip
+    )
 )

@@ -77,11 +77,5 @@ def generation_kwargs(context: TaskContext) -> dict:
 
 
 TRANSLATION = register_task(
-    Task(
-        name="translation",
-        build_data=build_data,
-        build_collator=build_collator,
-        generation_kwargs=generation_kwargs,
-        evaluator_name="translation",
-    )  # fmt: skip
+    Task("translation", build_data, build_collator, generation_kwargs=generation_kwargs, evaluator_name="translation")
 )

@@ -121,11 +121,11 @@ def generation_kwargs(context: TaskContext) -> dict:
 
 VIDEO_TO_TEXT = register_task(
     Task(
-        name="video_to_text",
-        build_data=build_data,
-        build_collator=build_collator,
+        "video_to_text",
+        build_data,
+        build_collator,
         build_metrics=build_metrics,
         generation_kwargs=generation_kwargs,
         evaluator_name="video_to_text",
-    )  # fmt: skip
+    )
 )
