@@ -260,9 +260,10 @@ def _train_step(model: torch.nn.Module, optimizer, features: torch.Tensor, label
 
 
 def bench_transcription(
-    models: dict[str, str], ct2: str | None, manifest: Path, limit: int, batches: list[int]
+    models: dict[str, str], ct2: str | None, manifest: Path, limit: int, batches: list[int], repeats: int
 ) -> list[dict]:
-    """Every system on the same clips at each of `batches`, as ratios to the dense model at the same batch size."""
+    """Every system on the same clips at each of `batches`, the systems taking turns `repeats` times (`_race`), as
+    ratios to the dense model at the same batch size."""
     dataset = read_manifest(manifest).select(range(limit))
     audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
     references = list(dataset["text"])
@@ -274,12 +275,42 @@ def bench_transcription(
             pipelines[name].model.set_experts_implementation(implementation)
     rows = []
     for batch in batches:
-        benchmark = f"transcribe {limit} clips ({audio_seconds:.0f} s), batch {batch}"
-        group = [_transcription_row(asr, benchmark, name, audio, references, batch) for name, asr in pipelines.items()]
+        systems = {name: partial(_transcribe, asr, batch=batch) for name, asr in pipelines.items()}
         for compute_type in ("default", "int8") if ct2 else ():
-            group.append(_faster_whisper_row(ct2, benchmark, audio, references, compute_type, batch))
+            name = "faster-whisper" if compute_type == "default" else f"faster-whisper {compute_type}"
+            systems[name] = _faster_whisper_system(ct2, compute_type, batch)
+        group = []
+        for name, result in _race(systems, audio, repeats).items():
+            tokenizer = pipelines[name].tokenizer if name in pipelines else None
+            tokens = sum(len(tokenizer(text).input_ids) for text in result["texts"]) if tokenizer else None
+            group.append({"benchmark": f"transcribe {limit} clips ({audio_seconds:.0f} s), batch {batch}",
+                          "system": name, "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
+                          "rtf": result["seconds"] / audio_seconds, "peak_mb": result["peak_mb"],
+                          "tokens_per_s": tokens / result["seconds"] if tokens else None, "repeats": repeats,
+                          "wer": _word_error_rate(references, result["texts"]), "texts": result["texts"]})  # fmt: skip
         rows += _with_ratio(group, baseline="dense")
     return rows
+
+
+def _race(systems: dict[str, Callable[[list], list[str]]], audio: list[np.ndarray], repeats: int) -> dict[str, dict]:
+    """Each system transcribes `audio` `repeats` times after a one-clip warm-up, the systems taking turns so that a
+    change in the machine's load hits all alike: the median wall and process-CPU seconds, and the first turn's peak
+    memory (MB) and texts."""
+    for transcribe in systems.values():
+        transcribe(audio[:1])
+    times = {name: [] for name in systems}
+    results = {}
+    for turn in range(repeats):
+        for name, transcribe in systems.items():
+            with PeakMemory() as memory:
+                start, cpu_start = time.perf_counter(), time.process_time()
+                texts = transcribe(audio)
+                times[name].append((time.perf_counter() - start, time.process_time() - cpu_start))
+            if turn == 0:
+                results[name] = {"texts": texts, "peak_mb": memory.megabytes}
+    for name, runs in times.items():
+        results[name]["seconds"], results[name]["cpu_seconds"] = (statistics.median(column) for column in zip(*runs))
+    return results
 
 
 def _transcription_row(
@@ -319,29 +350,17 @@ def bench_speculative(moe_folder: str, student_folder: str, manifest: Path, limi
     return _with_ratio(rows, baseline="teacher")
 
 
-def _faster_whisper_row(
-    ct2: str, benchmark: str, audio: list[np.ndarray], references: list[str], compute_type: str, batch: int
-) -> dict:
-    """faster-whisper on the same clips, greedy: at batch 1 `WhisperModel.transcribe` clip after clip; above,
-    its `BatchedInferencePipeline` over the clips joined into one array with one clip timestamp each, so that
-    `batch` clips share each decoding step (it batches the chunks of one input)."""
+def _faster_whisper_system(ct2: str, compute_type: str, batch: int) -> Callable[[list[np.ndarray]], list[str]]:
+    """faster-whisper transcribing clips, greedy: at batch 1 `WhisperModel.transcribe` clip after clip; above, its
+    `BatchedInferencePipeline` over the clips joined into one array with one clip timestamp each, so that `batch`
+    clips share each decoding step (it batches the chunks of one input)."""
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     model = WhisperModel(ct2, device="cpu", compute_type=compute_type)
     options = dict(beam_size=1, without_timestamps=True, condition_on_previous_text=False)
     if batch == 1:
-        transcribe = partial(_faster_whisper_sequential, model, options)
-    else:
-        transcribe = partial(_faster_whisper_batched, BatchedInferencePipeline(model), options, batch)
-    transcribe(audio[:1])  # warm-up
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        texts = transcribe(audio)
-        seconds = time.perf_counter() - start
-    system = "faster-whisper" if compute_type == "default" else f"faster-whisper {compute_type}"
-    audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
-    return {"benchmark": benchmark, "system": system, "seconds": seconds, "rtf": seconds / audio_seconds,
-            "peak_mb": memory.megabytes, "wer": _word_error_rate(references, texts)}  # fmt: skip
+        return partial(_faster_whisper_sequential, model, options)
+    return partial(_faster_whisper_batched, BatchedInferencePipeline(model), options, batch)
 
 
 def _faster_whisper_sequential(model, options: dict, audio: list[np.ndarray]) -> list[str]:
@@ -389,13 +408,16 @@ def markdown(rows: list[dict]) -> str:
     """One table of every row; parameter columns (millions, total and used per token) when a row counts them."""
     counts = any("params" in row for row in rows)
     differences = any("max_difference" in row for row in rows)
+    cpu = not differences and any("cpu_seconds" in row for row in rows)
     lines = [
         "| benchmark | system | seconds | RTF | tokens/s | clips/s | peak MB | WER % | time vs baseline |"
         + (" params M | active/token M |" if counts else "")
-        + (" CPU s | CPU vs baseline | encoder positions | max difference |" if differences else ""),
+        + (" CPU s | CPU vs baseline | encoder positions | max difference |" if differences else "")
+        + (" CPU s |" if cpu else ""),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|"
         + ("---:|---:|" if counts else "")
-        + ("---:|---:|---:|---:|" if differences else ""),
+        + ("---:|---:|---:|---:|" if differences else "")
+        + ("---:|" if cpu else ""),
     ]
     for row in rows:
         ratio = next((value for key, value in row.items() if key.startswith("vs_")), None)
@@ -411,6 +433,8 @@ def markdown(rows: list[dict]) -> str:
                 f" {_fmt(row.get('cpu_seconds'), 3)} | {_fmt(row.get('cpu_vs_padded'), 2)} | {row.get('frames', '')} "
                 f"| {_fmt(row.get('max_difference'), 7)} |"
             )
+        if cpu:
+            line += f" {_fmt(row.get('cpu_seconds'), 3)} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -798,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         models.update({f"moe {name}": (args.moe, name) for name in implementations if name != "batched_mm"})
         if args.int8:
             models["moe int8"] = (args.int8, None)
-        rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, args.transcription_batches)
+        batches = args.transcription_batches
+        rows += bench_transcription(models, args.faster_whisper, args.manifest, args.limit, batches, args.repeats)
     if "training" in args.sections:
         rows += bench_training(args.dense, args.moe, args.train_batch, args.repeats)
     if "short_clips" in args.sections:
