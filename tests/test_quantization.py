@@ -47,6 +47,21 @@ def quantized_copy(model: WhisperMoEForConditionalGeneration, **options) -> Whis
 
 
 @torch.no_grad()
+def test_each_row_gets_its_own_activation_scale():
+    """A quiet token batched with one 1000x louder keeps the accuracy it has alone: one scale for the whole input
+    would round the quiet row to zero (relative error ~1)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = Int8Linear.from_float(linear)
+    quiet = torch.randn(1, 64)
+    loud = 1000 * torch.randn(1, 64)
+    with torch.no_grad():
+        alone = relative_error(layer(quiet), linear(quiet))
+        batched = relative_error(layer(torch.cat([quiet, loud]))[:1], linear(quiet))
+        loud_error = relative_error(layer(torch.cat([quiet, loud]))[1:], linear(loud))
+    assert alone < 0.05 and batched < 2 * alone + 0.01 and loud_error < 0.05
+
+
 def test_per_channel_quantization_round_trips_within_half_a_step():
     weight = torch.randn(3, 7, 5) * torch.logspace(-3, 1, 7)[:, None]  # channels of very different ranges
     int8, scale = quantize_per_channel(weight)
