@@ -24,6 +24,7 @@ INT8_MAX = 127  # symmetric range [-127, 127]: w and -w quantize alike
 MIN_SCALE = 1e-12  # scale of an all-zero channel; any positive value dequantizes it to zeros
 PREFERRED_ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")  # first one this torch build supports is used
 EXPERT_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")  # what makes a module a stacked experts block
+ROW_CHUNK = 2048  # rows of an int8 GEMM's input scaled at a time (`int8_linear`)
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,19 +85,24 @@ def int8_linear(
 
     torch's dynamic GEMM quantizes its whole input with one scale. Each row is first divided by its largest |value|
     (and the output multiplied back), so every token gets its own scale: one loud token, or one loud clip of a batch,
-    no longer coarsens the rest, and a clip's output does not depend on what it is batched with. Measured on
-    LibriSpeech test-other (docs/RESULTS.md), this takes the int8 MoE's WER from 12.94 (batch 1) / 13.73 (batch 8)
-    to 11.76 at both, fp32 10.98.
+    no longer coarsens the rest, and a clip's output does not depend on what it is batched with (docs/RESULTS.md:
+    int8 WER on LibriSpeech test-other). Rows go through `ROW_CHUNK` at a time, so the scaled copy stays in cache.
     """
-    rows = hidden_states.float().contiguous()
-    if rows.numel() == rows.shape[-1]:  # a single row (a decoding step at batch 1): one scale is its own already
+    rows = hidden_states.float().reshape(-1, hidden_states.shape[-1]).contiguous()
+    if len(rows) == 1:  # a decoding step at batch 1: one scale is the row's own already
         output = torch.ops.quantized.linear_dynamic(rows, packed, reduce_range())
         output = output if bias is None else output + bias
     else:
-        row_max = rows.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_SCALE)
-        output = torch.ops.quantized.linear_dynamic(rows / row_max, packed, reduce_range())
-        output = output * row_max if bias is None else torch.addcmul(bias, output, row_max)
-    return output.to(hidden_states.dtype)
+        chunks = [_row_scaled_linear(chunk, packed, bias) for chunk in rows.split(ROW_CHUNK)]
+        output = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return output.reshape(*hidden_states.shape[:-1], -1).to(hidden_states.dtype)
+
+
+def _row_scaled_linear(rows: torch.Tensor, packed: torch.ScriptObject, bias: torch.Tensor | None) -> torch.Tensor:
+    """(rows, in) -> (rows, out): each row scaled to max |x| = 1 for the int8 GEMM, and back."""
+    row_max = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=MIN_SCALE)
+    output = torch.ops.quantized.linear_dynamic(rows / row_max, packed, reduce_range())
+    return output.mul_(row_max) if bias is None else torch.addcmul(bias, output, row_max, out=output)
 
 
 class _LazyPacked(nn.Module):

@@ -13,6 +13,7 @@ from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration
 from modeling_whisper_moe.quantization import (
+    ROW_CHUNK,
     Int8Embedding,
     Int8Experts,
     Int8Linear,
@@ -60,6 +61,11 @@ def test_each_row_gets_its_own_activation_scale():
         batched = relative_error(layer(torch.cat([quiet, loud]))[:1], linear(quiet))
         loud_error = relative_error(layer(torch.cat([quiet, loud]))[1:], linear(loud))
     assert alone < 0.05 and batched < 2 * alone + 0.01 and loud_error < 0.05
+    many = torch.randn(3, ROW_CHUNK // 2 + 3, 64) * torch.logspace(-3, 3, 3)[:, None, None]  # chunks of rows
+    with torch.no_grad():
+        output = layer(many)
+    assert output.shape == (3, ROW_CHUNK // 2 + 3, 32)
+    assert max(relative_error(output[i], linear(many[i])) for i in range(3)) < 0.05
 
 
 def test_per_channel_quantization_round_trips_within_half_a_step():
