@@ -1,6 +1,8 @@
 """The README and docs/ stay short, runnable and pointing at files that exist; the quick start's audio ships."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,31 @@ def test_shipped_audio_loads_and_lasts_eleven_seconds():
     assert len(waveform) / SAMPLING_RATE == pytest.approx(JFK_SECONDS, abs=0.1)
     assert 0.01 < float(abs(waveform).max()) <= 1.0  # speech, not silence or clipped garbage
     assert (REPO_ROOT / "examples" / "README.md").is_file(), "the shipped audio needs its source and licence"
+
+
+DOCUMENTED_SCRIPTS = ("benchmark.py", "evaluate.py", "expert_usage.py")
+FLAG_PATTERN = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+
+
+def documented_flags(script: str) -> dict[str, set[str]]:
+    """flag -> the documents whose `python scripts/SCRIPT ...` command lines (continued over backslashes) use it."""
+    flags: dict[str, set[str]] = {}
+    for document in [README, *DOCS]:
+        for line in document.read_text(encoding="utf-8").replace("\\\n", " ").splitlines():
+            _, found, rest = line.partition(f"scripts/{script}")
+            command = re.split(r"&&|;|\|", rest)[0] if found else ""
+            for flag in FLAG_PATTERN.findall(command):
+                flags.setdefault(flag, set()).add(document.name)
+    return flags
+
+
+@pytest.mark.parametrize("script", DOCUMENTED_SCRIPTS)
+def test_documented_command_lines_use_flags_the_script_has(script: str):
+    """A command copied from the docs runs: every flag it passes is one the script's parser knows."""
+    flags = documented_flags(script)
+    assert flags, f"no documented command runs scripts/{script}"
+    shown = subprocess.run([sys.executable, f"scripts/{script}", "--help"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, check=True).stdout  # fmt: skip
+    known = set(FLAG_PATTERN.findall(shown))
+    unknown = {flag: sorted(documents) for flag, documents in flags.items() if flag not in known}
+    assert not unknown, f"scripts/{script} has no such flags: {unknown}"
