@@ -18,7 +18,9 @@ Measures, each as a median over repeats and as a ratio to its baseline:
 - long-form (`--sections long_form`): whole recordings over 30 s, one file at a time, as `whisper-moe transcribe`
   runs them with no options (sequential long-form, greedy, WhisperMoE's LONG_FORM_DEFAULTS, which the dense
   Whisper gets passed), and faster-whisper's sequential `transcribe` at the same beam size with its own fallback
-  defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense);
+  defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense); and,
+  for each --long-form-batches above 1, the same chunked (30 s windows decoded that many at a time: the pipeline's
+  `chunk_length_s`, faster-whisper's `BatchedInferencePipeline`);
 - speculative decoding (`--sections speculative --assistant STUDENT`): --moe alone, the student alone, and --moe with
   the student as its assistant, the same --limit clips one at a time (greedy), with how many assisted transcripts
   are exactly the teacher's, as ratios to the teacher's time;
@@ -214,42 +216,62 @@ def _transcribe(
     return [out["text"] for out in asr(inputs, batch_size=batch, generate_kwargs=options)]
 
 
-def bench_long_form(models: dict[str, str], ct2: str | None, manifest: Path, limit: int | None) -> list[dict]:
-    """Each recording of `manifest` (over 30 s each) transcribed whole, one at a time, greedy, by every system."""
+def bench_long_form(
+    models: dict[str, str], ct2: str | None, manifest: Path, limit: int | None, batches: list[int]
+) -> list[dict]:
+    """Each recording of `manifest` (over 30 s each) transcribed whole by every system, greedy, in this process: at
+    batch 1 sequentially, one file at a time (WhisperMoE's LONG_FORM_DEFAULTS; faster-whisper's `transcribe`); above,
+    chunked, each file's 30 s windows decoded `batch` at a time (the pipeline's `chunk_length_s=30`; faster-whisper's
+    `BatchedInferencePipeline`)."""
     dataset = read_manifest(manifest)
     dataset = dataset.select(range(min(limit or len(dataset), len(dataset))))
     audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
     audio_seconds = sum(len(clip) for clip in audio) / SAMPLING_RATE
-    benchmark = f"long-form, {len(audio)} files ({audio_seconds:.0f} s), batch 1"
     references = list(dataset["text"])
-    systems = {
-        name: partial(_transcribe_long, pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True))
-        for name, folder in models.items()
-    }
-    if ct2:
-        from faster_whisper import WhisperModel
-
-        model = WhisperModel(ct2, device="cpu", compute_type="default")
-        options = dict(beam_size=1, condition_on_previous_text=False)  # as the pipeline: greedy, no conditioning
-        systems["faster-whisper"] = lambda clips: [
-            "".join(segment.text for segment in model.transcribe(clip, **options)[0]) for clip in clips
-        ]
+    pipelines = {name: pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+                 for name, folder in models.items()}  # fmt: skip
     rows = []
-    for name, transcribe in systems.items():
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            texts = transcribe(audio)
-            seconds = time.perf_counter() - start
-        rows.append({"benchmark": benchmark, "system": name, "seconds": seconds, "rtf": seconds / audio_seconds,
-                     "peak_mb": memory.megabytes, "wer": _word_error_rate(references, texts)})  # fmt: skip
-    return _with_ratio(rows, baseline="faster-whisper" if ct2 else "moe")
+    for batch in batches:
+        how = "sequential, batch 1" if batch == 1 else f"chunked 30 s, batch {batch}"
+        benchmark = f"long-form, {len(audio)} files ({audio_seconds:.0f} s), {how}"
+        systems = {name: partial(_transcribe_long, asr, batch=batch) for name, asr in pipelines.items()}
+        if ct2:
+            systems["faster-whisper"] = _faster_whisper_long(ct2, batch)
+        group = []
+        for name, transcribe in systems.items():
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                texts = transcribe(audio)
+                seconds = time.perf_counter() - start
+            group.append({"benchmark": benchmark, "system": name, "seconds": seconds, "rtf": seconds / audio_seconds,
+                          "peak_mb": memory.megabytes, "wer": _word_error_rate(references, texts)})  # fmt: skip
+        rows += _with_ratio(group, baseline="faster-whisper" if ct2 else "moe")
+    return rows
 
 
-def _transcribe_long(asr, audio: list[np.ndarray]) -> list[str]:
-    """`asr` with WhisperMoE's long-form defaults (transformers' own Whisper pipeline needs them passed)."""
+def _faster_whisper_long(ct2: str, batch: int) -> Callable[[list[np.ndarray]], list[str]]:
+    """faster-whisper fp32 on whole recordings, greedy, no conditioning on previous text (as the pipeline)."""
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    model = WhisperModel(ct2, device="cpu", compute_type="default")
+    options = dict(beam_size=1, condition_on_previous_text=False)
+    if batch == 1:
+        return partial(_faster_whisper_sequential, model, options)
+    batched = BatchedInferencePipeline(model)
+    return lambda clips: [
+        "".join(segment.text for segment in batched.transcribe(clip, batch_size=batch, **options)[0]) for clip in clips
+    ]
+
+
+def _transcribe_long(asr, audio: list[np.ndarray], batch: int = 1) -> list[str]:
+    """`asr` on whole recordings: at batch 1 sequential long-form with WhisperMoE's long-form defaults
+    (transformers' own Whisper pipeline needs them passed), above it 30 s chunks decoded `batch` at a time."""
     inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]
-    options = {"num_beams": 1, **LONG_FORM_DEFAULTS}
-    outputs = asr(inputs, batch_size=1, return_timestamps=True, generate_kwargs=options)
+    if batch == 1:
+        options = {"num_beams": 1, **LONG_FORM_DEFAULTS}
+        outputs = asr(inputs, batch_size=1, return_timestamps=True, generate_kwargs=options)
+    else:
+        outputs = asr(inputs, batch_size=batch, chunk_length_s=30, generate_kwargs={"num_beams": 1})
     return [output["text"] for output in outputs]
 
 
@@ -773,6 +795,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--packed-moe", help="a WhisperMoE fine-tuned with variable_length_audio (short clips)")
     parser.add_argument("--long-form", type=Path, default=DEFAULT_LONG_FORM, help="manifest of recordings > 30 s")
     parser.add_argument("--long-form-limit", type=int, help="recordings to transcribe (default: all)")
+    parser.add_argument("--long-form-batches", type=int, nargs="+", default=[1, 8],
+                        help="long-form: 1 = sequential, above: 30 s chunks decoded this many at a time")  # fmt: skip
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), help="what to time")
     parser.add_argument("--growth-experts", type=int, default=2, help="growth: experts added per decoder layer")
     peer = PEER_DEFAULTS
@@ -833,7 +857,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_growth(args.moe, args)
     if "long_form" in args.sections:
         models = {"dense": args.dense, "moe": args.moe} if args.dense else {"moe": args.moe}
-        rows += bench_long_form(models, args.faster_whisper, args.long_form, args.long_form_limit)
+        rows += bench_long_form(
+            models, args.faster_whisper, args.long_form, args.long_form_limit, args.long_form_batches
+        )
     if "ttt" in args.sections:
         rows += bench_ttt(moe_config.d_model, moe_config.encoder_attention_heads, args.ttt_tokens, args.repeats)
     if "pose_packing" in args.sections:
