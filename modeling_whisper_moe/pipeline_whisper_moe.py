@@ -10,6 +10,10 @@ silence skipped, see `generation_whisper_moe.LONG_FORM_DEFAULTS`), and the text 
 segments it returns, whose times are absolute. (Rebuilding them from the token stream, as the parent does, loses a
 skipped window's 30 s.)
 
+With `chunk_length_s` (the batched chunked algorithm) the chunks are always decoded with timestamps and stitched by
+them, returned or not: without them transformers stitches chunks by matching overlapping token runs, which drops
+words (40 % WER instead of 6.8 on a LibriSpeech chapter with tiny.en 8x2).
+
 With `batch_size > 1` files of any lengths share a batch: each model input travels frame-major (see
 `FRAME_MAJOR_FEATURES`) so that transformers' collate pads the frames, and each batch is split into its clips of up
 to 30 s (decoded together as one window each) and its long files (decoded long-form together, each to its own
@@ -30,6 +34,7 @@ from .features import log_mel_30s
 # collate pads frames (with 0, as generate pads a last window; the attention mask with 0) and `_forward` turns them
 # back.
 FRAME_MAJOR_FEATURES = "input_features_frame_major"
+HIDDEN_TIMESTAMPS = "timestamps_not_asked"  # postprocess flag: chunked decoding used timestamps the caller did not ask
 
 
 class WhisperMoEASRPipeline(AutomaticSpeechRecognitionPipeline):
@@ -41,6 +46,13 @@ class WhisperMoEASRPipeline(AutomaticSpeechRecognitionPipeline):
     def type(self, value: str) -> None:
         # The parent picks "ctc" for an unknown model_type; this model always decodes like Whisper.
         pass
+
+    def _sanitize_parameters(self, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if preprocess_params.get("chunk_length_s") and not forward_params.get("return_timestamps"):
+            forward_params["return_timestamps"] = postprocess_params["return_timestamps"] = True
+            postprocess_params[HIDDEN_TIMESTAMPS] = True
+        return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, inputs, chunk_length_s: float = 0, stride_length_s: float | None = None):
         """Decode `inputs` (path, bytes, array or dict) to mono audio at the feature extractor's rate, then chunk.
@@ -112,11 +124,16 @@ class WhisperMoEASRPipeline(AutomaticSpeechRecognitionPipeline):
         ]
         return {"is_last": is_last, "segments": segments, **model_inputs}
 
-    def postprocess(self, model_outputs, decoder_kwargs=None, return_timestamps=None, return_language=None):
+    def postprocess(
+        self, model_outputs, decoder_kwargs=None, return_timestamps=None, return_language=None, **flags
+    ) -> dict:
         # rows of a batch that mixed clips and long files hold None under the other kind's keys
         model_outputs = [{key: value for key, value in row.items() if value is not None} for row in model_outputs]
         if "segments" not in model_outputs[0]:
-            return super().postprocess(model_outputs, decoder_kwargs, return_timestamps, return_language)
+            result = super().postprocess(model_outputs, decoder_kwargs, return_timestamps, return_language)
+            if flags.get(HIDDEN_TIMESTAMPS):
+                result.pop("chunks", None)
+            return result
         (output,) = model_outputs  # long-form audio is one model input, never chunked
         segments = output.pop("segments")
         if segments and isinstance(segments[0], list):  # a batch of one is not unbatched: [[segment, ...]]
