@@ -21,6 +21,8 @@ Measures, each as a median over repeats and as a ratio to its baseline:
   defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense); and,
   for each --long-form-batches above 1, the same chunked (30 s windows decoded that many at a time: the pipeline's
   `chunk_length_s`, faster-whisper's `BatchedInferencePipeline`);
+- where the time goes (`--sections profile`): --dense, --moe and --int8 transcribing the --limit clips at batch 1,
+  split into log-mel features, encoder, decoder forward passes, the rest of `generate` and the rest of the pipeline;
 - speculative decoding (`--sections speculative --assistant STUDENT`): --moe alone, the student alone, and --moe with
   the student as its assistant, the same --limit clips one at a time (greedy), with how many assisted transcripts
   are exactly the teacher's, as ratios to the teacher's time;
@@ -101,7 +103,7 @@ VARIANT_PATTERN = re.compile(r"(\d+)x(\d+)(?:-seg(\d+))?(?:-shared(\d+))?")  # E
 # all but the last have the active parameters of two dense blocks per token; 8x2-shared1 (the shared preset) has three
 DEFAULT_VARIANTS = ("8x2", "8x2-seg4", "8x1-shared1", "8x1-seg4-shared1", "8x2-shared1")
 SECTIONS = ("dispatch", "transcription", "training", "short_clips", "growth", "long_form", "ttt", "pose_packing",
-            "speculative")  # fmt: skip
+            "profile", "speculative")  # fmt: skip
 DEFAULT_SECTIONS = SECTIONS[:-1]  # speculative needs a student (--assistant)
 POSE_WORDS = tuple(
     REPO_ROOT.parent / "shared" / "data" / "translation" / f"tatoeba_en_{language}.csv" for language in ("de", "fr")
@@ -350,6 +352,63 @@ def _transcription_row(
     return {"benchmark": benchmark, "system": system, "seconds": seconds, "rtf": seconds / audio_seconds,
             "tokens_per_s": tokens / seconds, "peak_mb": memory.megabytes,
             "wer": _word_error_rate(references, texts), "texts": texts}  # fmt: skip
+
+
+def bench_profile(models: dict[str, tuple[str, str | None]], manifest: Path, limit: int) -> list[dict]:
+    """Where one pipeline call's time goes, each of `limit` clips transcribed at batch 1 (greedy) after a warm-up:
+    the log-mel features (`log_mel_30s`, timed on its own), the encoder, the decoder's forward passes, the rest of
+    `generate` (the LM head, logits processors, cache, search loop) and the rest of the pipeline (collate,
+    detokenising); each as a share of the whole call."""
+    dataset = read_manifest(manifest).select(range(limit))
+    audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
+    rows = []
+    for name, (folder, implementation) in models.items():
+        asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
+        if implementation:
+            asr.model.set_experts_implementation(implementation)
+        model = asr.model.model
+        timers = {part: _timed(module) for part, module in (("encoder", model.encoder), ("decoder", model.decoder))}
+        generate = _timed_method(asr.model, "generate")
+        _transcribe(asr, audio[:1], 1)  # warm-up
+        for timer in (*timers.values(), generate):
+            timer.clear()
+        start = time.perf_counter()
+        _transcribe(asr, audio, 1)
+        total = time.perf_counter() - start
+        start = time.perf_counter()
+        for clip in audio:
+            log_mel_30s(clip, asr.feature_extractor)
+        parts = {"features (log-mel)": time.perf_counter() - start, "encoder": sum(timers["encoder"]),
+                 "decoder forward passes": sum(timers["decoder"])}  # fmt: skip
+        parts["generate, the rest (LM head, logits processors, loop)"] = (
+            sum(generate) - parts["encoder"] - parts["decoder forward passes"]
+        )
+        parts["pipeline, the rest"] = total - sum(generate) - parts["features (log-mel)"]
+        benchmark = f"where the time goes, {limit} clips, batch 1"
+        rows.append({"benchmark": benchmark, "system": f"{name}: whole call", "seconds": total, "vs_total": 1.0})
+        rows += [{"benchmark": benchmark, "system": f"{name}: {part}", "seconds": seconds, "vs_total": seconds / total,
+                  "calls": len(timers["decoder"]) if part.startswith("decoder") else None}
+                 for part, seconds in parts.items()]  # fmt: skip
+    return rows
+
+
+def _timed(module: torch.nn.Module) -> list[float]:
+    """Wall seconds of each of `module`'s forward calls from now on, appended to the returned list."""
+    return _timed_method(module, "forward")
+
+
+def _timed_method(owner, name: str) -> list[float]:
+    seconds, method = [], getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(owner, name, timed)
+    return seconds
 
 
 def bench_speculative(moe_folder: str, student_folder: str, manifest: Path, limit: int) -> list[dict]:
@@ -865,6 +924,12 @@ def main(argv: list[str] | None = None) -> int:
     if "pose_packing" in args.sections:
         clips = fingerspelled_clips(args.pose_clips, seed=0)
         rows += bench_pose_packing(args.moe, clips, args.pose_batches, args.repeats)
+    if "profile" in args.sections:
+        models = {"dense": (args.dense, None)} if args.dense else {}
+        models["moe"] = (args.moe, args.experts_implementation)
+        if args.int8:
+            models["moe int8"] = (args.int8, None)
+        rows += bench_profile(models, args.manifest, args.limit)
     if "speculative" in args.sections:
         rows += bench_speculative(args.moe, args.assistant, args.manifest, args.limit)
     print(markdown(rows))
