@@ -302,7 +302,7 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _folder_command(commands, name: str, help: str, src: str) -> argparse.ArgumentParser:
-    """A sub-command that reads a folder (`src`, described by `src`) and writes another (`dst`)."""
+    """A sub-command reading the folder `src` (its help: `src`) and writing the folder `dst`."""
     command = commands.add_parser(name, help=help)
     command.add_argument("src", help=src)
     command.add_argument("dst", help="output folder")

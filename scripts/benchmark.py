@@ -367,7 +367,10 @@ def bench_profile(models: dict[str, tuple[str, str | None]], manifest: Path, lim
         if implementation:
             asr.model.set_experts_implementation(implementation)
         model = asr.model.model
-        timers = {part: _timed(module) for part, module in (("encoder", model.encoder), ("decoder", model.decoder))}
+        timers = {
+            part: _timed_method(module, "forward")
+            for part, module in (("encoder", model.encoder), ("decoder", model.decoder))
+        }
         generate = _timed_method(asr.model, "generate")
         _transcribe(asr, audio[:1], 1)  # warm-up
         for timer in (*timers.values(), generate):
@@ -392,12 +395,8 @@ def bench_profile(models: dict[str, tuple[str, str | None]], manifest: Path, lim
     return rows
 
 
-def _timed(module: torch.nn.Module) -> list[float]:
-    """Wall seconds of each of `module`'s forward calls from now on, appended to the returned list."""
-    return _timed_method(module, "forward")
-
-
 def _timed_method(owner, name: str) -> list[float]:
+    """Wall seconds of each call of `owner.name` from now on, appended to the returned list."""
     seconds, method = [], getattr(owner, name)
 
     def timed(*args, **kwargs):
