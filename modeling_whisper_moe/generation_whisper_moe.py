@@ -94,6 +94,42 @@ class ConfidentSilenceStop(LogitsProcessor):
         return torch.where(silent[:, None], ended, scores)
 
 
+# A row whose last LOOP_WINDOW tokens hold at most LOOP_MAX_DISTINCT distinct ones is in Whisper's degenerate loop (a
+# window cut mid-word decodes as "f**k f**k ..." to its 448-token limit, at every beam; beam search varies the loop,
+# "f**k f**king f**king ...", so an exact period would miss it): it ends there. 48 tokens of real transcripts hold
+# 33 or more distinct ones in English and Dutch, 17 in Russian (Cyrillic as byte tokens of tiny.en's BPE). A loop
+# cannot run across timestamped segments (each has its own timestamps), so only a loop within a segment stops; its
+# 48 tokens stay in the text. `generation_config.loop_stop = False` switches it off.
+LOOP_WINDOW = 48
+LOOP_MAX_DISTINCT = 8
+
+
+def looping_rows(tokens: torch.LongTensor) -> torch.Tensor:
+    """(rows,) bool: the rows of `tokens` (rows, length) whose last LOOP_WINDOW tokens are a loop."""
+    if tokens.shape[1] < LOOP_WINDOW:
+        return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    tail = tokens[:, -LOOP_WINDOW:].sort(dim=1).values
+    distinct = (tail[:, 1:] != tail[:, :-1]).sum(dim=1) + 1
+    return distinct <= LOOP_MAX_DISTINCT
+
+
+class LoopStop(LogitsProcessor):
+    """Ends every row (batch * beams) whose generated tokens, from `begin_index` on, end in a loop (`looping_rows`):
+    what it would decode up to the length limit is the same few tokens again."""
+
+    def __init__(self, begin_index: int, eos_token_id: int):
+        self.begin_index = begin_index
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        looping = looping_rows(input_ids[:, self.begin_index :])
+        if not bool(looping.any()):
+            return scores
+        ended = torch.full_like(scores, float("-inf"))
+        ended[:, self.eos_token_id] = 0.0
+        return torch.where(looping[:, None].to(scores.device), ended, scores)
+
+
 def long_form_options(generation_config: GenerationConfig, kwargs: dict) -> dict:
     """`kwargs` for a long-form generate: timestamps on, and each of `LONG_FORM_DEFAULTS` added unless the call
     sets it (or, for the thresholds, the generation config does)."""
@@ -148,13 +184,17 @@ class WhisperMoEGenerationMixin:
         return cache
 
     def _retrieve_logit_processors(self, generation_config, logits_processor, begin_index, num_beams, device):
-        """Whisper's processors; with no-speech detection on, `ConfidentSilenceStop` after them."""
+        """Whisper's processors; with no-speech detection on, `ConfidentSilenceStop` after them; `LoopStop` last
+        unless the generation config sets `loop_stop = False`."""
         processors = super()._retrieve_logit_processors(
             generation_config, logits_processor, begin_index, num_beams, device
         )
-        detector = next((p for p in processors or () if isinstance(p, WhisperNoSpeechDetection)), None)
+        processors = list(processors or ())
+        detector = next((p for p in processors if isinstance(p, WhisperNoSpeechDetection)), None)
         if detector is not None:
-            processors = [*processors, ConfidentSilenceStop(detector, generation_config.eos_token_id)]
+            processors.append(ConfidentSilenceStop(detector, generation_config.eos_token_id))
+        if getattr(generation_config, "loop_stop", True):
+            processors.append(LoopStop(begin_index, generation_config.eos_token_id))
         return processors
 
     def _need_fallback(self, seek_sequence, seek_outputs, index, logits_processor, generation_config, *args):
@@ -329,10 +369,12 @@ __all__ = [
     "CONFIDENT_NO_SPEECH",
     "ConfidentSilenceStop",
     "LONG_FORM_DEFAULTS",
+    "LoopStop",
     "TEXT_TASK",
     "WhisperMoEGenerationMixin",
     "confidently_silent",
     "language_token_id",
     "long_form_options",
+    "looping_rows",
     "text_decoder_prompt",
 ]

@@ -592,22 +592,13 @@ class WhisperMoEPreTrainedModel(WhisperPreTrainedModel):
             )
         return implementation
 
-    def add_experts(
-        self,
-        num_new: int,
-        num_experts_per_tok: int = 1,
-        encoder_layers: list[int] | None = None,
-        decoder_layers: list[int] | None = None,
-        init: str = "copy",
-        seed: int = 0,
-        modalities: list[str] | None = None,
-    ) -> "WhisperMoEPreTrainedModel":
-        """Grow new experts into the chosen layers (every sparse layer by default), outputs unchanged; in place.
-        `modalities` (e.g. ["text"]): the only inputs they serve (all by default). See growth.py."""
+    def add_experts(self, num_new: int, **options) -> "WhisperMoEPreTrainedModel":
+        """Grow `num_new` experts into the chosen layers (every sparse layer by default), outputs unchanged; in place.
+        `options`: num_experts_per_tok, encoder_layers, decoder_layers, init, seed, peer, modalities (e.g. ["text"]:
+        the only inputs they serve); see growth.grow_experts."""
         from .growth import grow_experts
 
-        layers = (encoder_layers, decoder_layers)
-        return grow_experts(self, num_new, num_experts_per_tok, *layers, init, seed, modalities=modalities)
+        return grow_experts(self, num_new, **options)
 
     def add_peer(
         self, encoder_layers: list[int] | None = None, decoder_layers: list[int] | None = None, seed: int = 0, **sizes

@@ -128,8 +128,8 @@ def _add_experts(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-new must be at least 1, got {args.num_new}.")
     model = WhisperMoEForConditionalGeneration.from_pretrained(source, dtype="float32")
     before, _ = count_parameters(model)
-    model.add_experts(args.num_new, args.num_experts_per_tok, args.encoder_layers, args.decoder_layers, args.init,
-                      args.seed, args.modalities)  # fmt: skip
+    options = ("num_experts_per_tok", "encoder_layers", "decoder_layers", "init", "seed", "modalities")
+    model.add_experts(args.num_new, **{name: getattr(args, name) for name in options})
     processor = WhisperMoEProcessor.from_pretrained(source)
     _save_folder(model, processor, args.dst)
     phase = model.config.expert_growth[-1]

@@ -2,45 +2,24 @@
 
 import pytest
 from conftest import JFK_TEXT, run_without_package
-from transformers import pipeline
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def asr(base_moe):
-    return pipeline("automatic-speech-recognition", model=str(base_moe), trust_remote_code=True)
-
-
 def _words(text: str) -> list[str]:
     return "".join(c for c in text.lower() if c.isalpha() or c == " ").split()
 
 
-def test_language_detection(asr, data_dir):
-    result = asr(str(data_dir / "misc/jfk.flac"), return_language=True, return_timestamps=True)
-    assert {chunk["language"] for chunk in result["chunks"]} == {"english"}
-
-
-def test_language_and_task_tokens_are_used(asr, data_dir):
-    jfk = str(data_dir / "misc/jfk.flac")
-    english = asr(jfk, generate_kwargs={"language": "en", "task": "transcribe"})["text"]
-    assert _words(english) == _words(JFK_TEXT)
-    translated = asr(jfk, generate_kwargs={"language": "en", "task": "translate"})["text"]
-    assert "your country" in translated.lower()
-    # forcing French makes Whisper write French: the language token reaches the decoder
-    french = asr(jfk, generate_kwargs={"language": "fr", "task": "transcribe"})["text"]
-    assert _words(french) != _words(english)
-
-
+# Every check runs in the folder alone: in process the model is the same code, imported from the package
 LANGUAGE_SCRIPT = """
 from transformers import pipeline
 
 folder, jfk = sys.argv[1], sys.argv[2]
 asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
 result = {
-    "detected": asr(jfk, return_language=True, return_timestamps=True)["chunks"][0]["language"],
+    "detected": [chunk["language"] for chunk in asr(jfk, return_language=True, return_timestamps=True)["chunks"]],
     "english": asr(jfk, generate_kwargs={"language": "en", "task": "transcribe"})["text"],
     "translated": asr(jfk, generate_kwargs={"task": "translate"})["text"],
     "french": asr(jfk, generate_kwargs={"language": "fr", "task": "transcribe"})["text"],
@@ -50,9 +29,10 @@ result = {
 
 def test_language_and_task_from_the_folder_alone(base_moe, data_dir, tmp_path):
     result = run_without_package(LANGUAGE_SCRIPT, base_moe, data_dir / "misc/jfk.flac", tmp_path=tmp_path)
-    assert result["leaked"] == [] and result["detected"] == "english"
+    assert result["leaked"] == [] and set(result["detected"]) == {"english"}
     assert _words(result["english"]) == _words(JFK_TEXT)
     assert "your country" in result["translated"].lower()
+    # forcing French makes Whisper write French: the language token reaches the decoder
     assert _words(result["french"]) != _words(result["english"])
 
 

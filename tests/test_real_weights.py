@@ -1,5 +1,7 @@
 """Behaviour on OpenAI's real tiny.en weights and real speech: upcycling is exact, transcripts are right."""
 
+import csv
+
 import pytest
 import torch
 from conftest import JFK_TEXT
@@ -7,6 +9,7 @@ from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 from modeling_whisper_moe import WhisperMoEForConditionalGeneration, WhisperMoEProcessor, load_audio
+from modeling_whisper_moe.generation_whisper_moe import LOOP_WINDOW, LoopStop, looping_rows
 
 pytestmark = pytest.mark.slow
 CLIPS = ("misc/jfk.flac", "librispeech/test-clean/1089-134686-0002.wav", "misc/2412-153948-0000.flac")
@@ -74,3 +77,23 @@ def test_prompt_ids_steer_decoding(models, data_dir):
         ids = moe.generate(features, prompt_ids=prompt_ids)
     text = processor.batch_decode(ids, skip_special_tokens=True)[0]
     assert "country" in text and "inaugural" not in text.lower()  # the prompt conditions, it is not transcribed
+
+
+def test_a_decoding_loop_ends_but_speech_does_not(models, data_dir):
+    # the loop tiny.en wrote at beam 5 in a 30 s window of LibriSpeech 367-130732 cut mid-word, against the real
+    # transcripts of long LibriSpeech recordings, every 48-token window of them
+    tokenizer = models[2].tokenizer
+    loop = tokenizer(" It was here that loves to" + " f**k" * 8 + " f**king" * 9, add_special_tokens=False).input_ids
+    with open(data_dir / "librispeech/longform/manifest.csv", newline="") as manifest:
+        speech = [tokenizer(" " + row["text"].capitalize(), add_special_tokens=False).input_ids
+                  for row in csv.DictReader(manifest)]  # fmt: skip
+    windows = torch.cat([torch.tensor(ids).unfold(0, LOOP_WINDOW, 1) for ids in speech])
+    assert len(windows) > 900 and not looping_rows(windows).any()
+    rows = torch.tensor([loop[-LOOP_WINDOW - 6 :], speech[0][: LOOP_WINDOW + 6]])
+    assert looping_rows(rows).tolist() == [True, False]
+    eos = tokenizer.eos_token_id
+    scores = torch.randn(2, len(tokenizer))
+    stopped = LoopStop(begin_index=2, eos_token_id=eos)(rows, scores.clone())
+    assert stopped[0].argmax() == eos and torch.isinf(stopped[0]).sum() == len(tokenizer) - 1
+    assert torch.equal(stopped[1], scores[1])  # speech decodes on untouched
+    assert not looping_rows(rows[:, : LOOP_WINDOW - 1]).any()  # too short to tell
