@@ -20,7 +20,8 @@ Measures, each as a median over repeats and as a ratio to its baseline:
   Whisper gets passed), and faster-whisper's sequential `transcribe` at the same beam size with its own fallback
   defaults, with WER on the same files, as ratios to faster-whisper's time (the dense one only with --dense); and,
   for each --long-form-batches above 1, the same chunked (30 s windows decoded that many at a time: the pipeline's
-  `chunk_length_s`, faster-whisper's `BatchedInferencePipeline`);
+  `chunk_length_s`, faster-whisper's `BatchedInferencePipeline`); --long-form-beams above 1 runs every system at
+  that beam size and adds each WhisperMoE with its LoopStop off;
 - where the time goes (`--sections profile`): --dense, --moe and --int8 transcribing the --limit clips at batch 1,
   split into log-mel features, encoder, decoder forward passes, the rest of `generate` and the rest of the pipeline;
 - speculative decoding (`--sections speculative --assistant STUDENT`): --moe alone, the student alone, and --moe with
@@ -219,12 +220,13 @@ def _transcribe(
 
 
 def bench_long_form(
-    models: dict[str, str], ct2: str | None, manifest: Path, limit: int | None, batches: list[int]
+    models: dict[str, str], ct2: str | None, manifest: Path, limit: int | None, batches: list[int], beams: int = 1
 ) -> list[dict]:
-    """Each recording of `manifest` (over 30 s each) transcribed whole by every system, greedy, in this process: at
-    batch 1 sequentially, one file at a time (WhisperMoE's LONG_FORM_DEFAULTS; faster-whisper's `transcribe`); above,
-    chunked, each file's 30 s windows decoded `batch` at a time (the pipeline's `chunk_length_s=30`; faster-whisper's
-    `BatchedInferencePipeline`)."""
+    """Each recording of `manifest` (over 30 s each) transcribed whole by every system at `beams` beams, in this
+    process: at batch 1 sequentially, one file at a time (WhisperMoE's LONG_FORM_DEFAULTS; faster-whisper's
+    `transcribe`); above, chunked, each file's 30 s windows decoded `batch` at a time (the pipeline's
+    `chunk_length_s=30`; faster-whisper's `BatchedInferencePipeline`). With beams, also each WhisperMoE with its
+    `LoopStop` switched off, the loops beam search falls into being where it acts."""
     dataset = read_manifest(manifest)
     dataset = dataset.select(range(min(limit or len(dataset), len(dataset))))
     audio = [load_audio(path, SAMPLING_RATE) for path in dataset["audio"]]
@@ -235,10 +237,16 @@ def bench_long_form(
     rows = []
     for batch in batches:
         how = "sequential, batch 1" if batch == 1 else f"chunked 30 s, batch {batch}"
+        how += f", {beams} beams" if beams > 1 else ""
         benchmark = f"long-form, {len(audio)} files ({audio_seconds:.0f} s), {how}"
-        systems = {name: partial(_transcribe_long, asr, batch=batch) for name, asr in pipelines.items()}
+        systems = {name: partial(_transcribe_long, asr, batch=batch, beams=beams) for name, asr in pipelines.items()}
+        if beams > 1:
+            for name, asr in pipelines.items():
+                systems[f"{name}, loop_stop off"] = partial(
+                    _transcribe_long, asr, batch=batch, beams=beams, loops=True
+                )
         if ct2:
-            systems["faster-whisper"] = _faster_whisper_long(ct2, batch)
+            systems["faster-whisper"] = _faster_whisper_long(ct2, batch, beams)
         group = []
         for name, transcribe in systems.items():
             with PeakMemory() as memory:
@@ -251,12 +259,13 @@ def bench_long_form(
     return rows
 
 
-def _faster_whisper_long(ct2: str, batch: int) -> Callable[[list[np.ndarray]], list[str]]:
-    """faster-whisper fp32 on whole recordings, greedy, no conditioning on previous text (as the pipeline)."""
+def _faster_whisper_long(ct2: str, batch: int, beams: int = 1) -> Callable[[list[np.ndarray]], list[str]]:
+    """faster-whisper fp32 on whole recordings at `beams` beams, no conditioning on previous text (as the
+    pipeline)."""
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     model = WhisperModel(ct2, device="cpu", compute_type="default")
-    options = dict(beam_size=1, condition_on_previous_text=False)
+    options = dict(beam_size=beams, condition_on_previous_text=False)
     if batch == 1:
         return partial(_faster_whisper_sequential, model, options)
     batched = BatchedInferencePipeline(model)
@@ -265,15 +274,21 @@ def _faster_whisper_long(ct2: str, batch: int) -> Callable[[list[np.ndarray]], l
     ]
 
 
-def _transcribe_long(asr, audio: list[np.ndarray], batch: int = 1) -> list[str]:
-    """`asr` on whole recordings: at batch 1 sequential long-form with WhisperMoE's long-form defaults
-    (transformers' own Whisper pipeline needs them passed), above it 30 s chunks decoded `batch` at a time."""
+def _transcribe_long(asr, audio: list[np.ndarray], batch: int = 1, beams: int = 1, loops: bool = False) -> list[str]:
+    """`asr` on whole recordings at `beams` beams: at batch 1 sequential long-form with WhisperMoE's long-form
+    defaults (transformers' own Whisper pipeline needs them passed), above it 30 s chunks decoded `batch` at a time.
+    `loops`: with WhisperMoE's `LoopStop` switched off (`generation_config.loop_stop`)."""
     inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]
-    if batch == 1:
-        options = {"num_beams": 1, **LONG_FORM_DEFAULTS}
-        outputs = asr(inputs, batch_size=1, return_timestamps=True, generate_kwargs=options)
-    else:
-        outputs = asr(inputs, batch_size=batch, chunk_length_s=30, generate_kwargs={"num_beams": 1})
+    config = asr.model.generation_config
+    config.loop_stop = not loops
+    try:
+        if batch == 1:
+            options = {"num_beams": beams, **LONG_FORM_DEFAULTS}
+            outputs = asr(inputs, batch_size=1, return_timestamps=True, generate_kwargs=options)
+        else:
+            outputs = asr(inputs, batch_size=batch, chunk_length_s=30, generate_kwargs={"num_beams": beams})
+    finally:
+        config.loop_stop = True
     return [output["text"] for output in outputs]
 
 
@@ -855,6 +870,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-form-limit", type=int, help="recordings to transcribe (default: all)")
     parser.add_argument("--long-form-batches", type=int, nargs="+", default=[1, 8],
                         help="long-form: 1 = sequential, above: 30 s chunks decoded this many at a time")  # fmt: skip
+    parser.add_argument("--long-form-beams", type=int, default=1,
+                        help="long-form: beams, every system (above 1: also WhisperMoE, LoopStop off)")  # fmt: skip
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), help="what to time")
     parser.add_argument("--growth-experts", type=int, default=2, help="growth: experts added per decoder layer")
     peer = PEER_DEFAULTS
@@ -916,7 +933,12 @@ def main(argv: list[str] | None = None) -> int:
     if "long_form" in args.sections:
         models = {"dense": args.dense, "moe": args.moe} if args.dense else {"moe": args.moe}
         rows += bench_long_form(
-            models, args.faster_whisper, args.long_form, args.long_form_limit, args.long_form_batches
+            models,
+            args.faster_whisper,
+            args.long_form,
+            args.long_form_limit,
+            args.long_form_batches,
+            args.long_form_beams,
         )
     if "ttt" in args.sections:
         rows += bench_ttt(moe_config.d_model, moe_config.encoder_attention_heads, args.ttt_tokens, args.repeats)

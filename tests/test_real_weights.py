@@ -97,3 +97,23 @@ def test_a_decoding_loop_ends_but_speech_does_not(models, data_dir):
     assert stopped[0].argmax() == eos and torch.isinf(stopped[0]).sum() == len(tokenizer) - 1
     assert torch.equal(stopped[1], scores[1])  # speech decodes on untouched
     assert not looping_rows(rows[:, : LOOP_WINDOW - 1]).any()  # too short to tell
+
+
+def test_beam_search_decodes_as_with_every_cache_reordered(models, data_dir, monkeypatch):
+    # WhisperMoE's beam search leaves the cross-attention caches in place (each input's beams share them)
+    _, moe, processor = models
+    features = _features(processor, data_dir)
+    options = dict(num_beams=4, max_new_tokens=24, return_dict_in_generate=True)
+    ours = moe.generate(features, **options)
+    cache_class = type(ours.past_key_values)
+
+    def reorder_everything(self, cache, beam_idx):  # transformers' own: self- and cross-attention caches alike
+        assert isinstance(cache, cache_class)
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    monkeypatch.setattr(type(moe), "_reorder_cache", reorder_everything)
+    everything = moe.generate(features, **options)
+    assert torch.equal(ours.sequences, everything.sequences)
+    torch.testing.assert_close(ours.sequences_scores, everything.sequences_scores)
+    assert processor.batch_decode(ours.sequences, skip_special_tokens=True)[0].strip().startswith("And so")
