@@ -71,6 +71,13 @@ def confidently_silent(detector: WhisperNoSpeechDetection) -> torch.Tensor:
     return torch.as_tensor(detector.no_speech_prob).reshape(-1) >= CONFIDENT_NO_SPEECH
 
 
+def end_rows(scores: torch.FloatTensor, rows: torch.Tensor, eos_token_id: int) -> torch.FloatTensor:
+    """`scores` (rows, vocab) with every row where `rows` (rows,) is True able to decode only `eos_token_id`."""
+    ended = torch.full_like(scores, float("-inf"))
+    ended[:, eos_token_id] = 0.0
+    return torch.where(rows[:, None].to(scores.device), ended, scores)
+
+
 class ConfidentSilenceStop(LogitsProcessor):
     """Ends, at the first decoded position, every row whose no-speech probability reaches CONFIDENT_NO_SPEECH: the
     window is skipped anyway (`_need_fallback`), so decoding it (up to 448 tokens of "you you ...") is wasted.
@@ -89,9 +96,7 @@ class ConfidentSilenceStop(LogitsProcessor):
         silent = confidently_silent(self.detector).to(scores.device)
         if not bool(silent.any()) or silent.shape[0] != scores.shape[0]:
             return scores
-        ended = torch.full_like(scores, float("-inf"))
-        ended[:, self.eos_token_id] = 0.0
-        return torch.where(silent[:, None], ended, scores)
+        return end_rows(scores, silent, self.eos_token_id)
 
 
 # A row whose last LOOP_WINDOW tokens hold at most LOOP_MAX_DISTINCT distinct ones is in Whisper's degenerate loop (a
@@ -123,11 +128,7 @@ class LoopStop(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         looping = looping_rows(input_ids[:, self.begin_index :])
-        if not bool(looping.any()):
-            return scores
-        ended = torch.full_like(scores, float("-inf"))
-        ended[:, self.eos_token_id] = 0.0
-        return torch.where(looping[:, None].to(scores.device), ended, scores)
+        return end_rows(scores, looping, self.eos_token_id) if bool(looping.any()) else scores
 
 
 def long_form_options(generation_config: GenerationConfig, kwargs: dict) -> dict:
@@ -376,6 +377,7 @@ __all__ = [
     "TEXT_TASK",
     "WhisperMoEGenerationMixin",
     "confidently_silent",
+    "end_rows",
     "language_token_id",
     "long_form_options",
     "looping_rows",

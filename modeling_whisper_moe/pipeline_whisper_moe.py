@@ -34,7 +34,6 @@ from .features import log_mel_30s
 # collate pads frames (with 0, as generate pads a last window; the attention mask with 0) and `_forward` turns them
 # back.
 FRAME_MAJOR_FEATURES = "input_features_frame_major"
-HIDDEN_TIMESTAMPS = "timestamps_not_asked"  # postprocess flag: chunked decoding used timestamps the caller did not ask
 
 
 class WhisperMoEASRPipeline(AutomaticSpeechRecognitionPipeline):
@@ -51,7 +50,7 @@ class WhisperMoEASRPipeline(AutomaticSpeechRecognitionPipeline):
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
         if preprocess_params.get("chunk_length_s") and not forward_params.get("return_timestamps"):
             forward_params["return_timestamps"] = postprocess_params["return_timestamps"] = True
-            postprocess_params[HIDDEN_TIMESTAMPS] = True
+            postprocess_params["timestamps_not_asked"] = True
         return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, inputs, chunk_length_s: float = 0, stride_length_s: float | None = None):
@@ -125,13 +124,16 @@ class WhisperMoEASRPipeline(AutomaticSpeechRecognitionPipeline):
         return {"is_last": is_last, "segments": segments, **model_inputs}
 
     def postprocess(
-        self, model_outputs, decoder_kwargs=None, return_timestamps=None, return_language=None, **flags
-    ) -> dict:
+        self, model_outputs, decoder_kwargs=None, return_timestamps=None, return_language=None,
+        timestamps_not_asked: bool = False,
+    ) -> dict:  # fmt: skip
+        """The parent's, plus long-form segments; `timestamps_not_asked`: chunked decoding used timestamps to stitch
+        its chunks, and the caller gets the text alone."""
         # rows of a batch that mixed clips and long files hold None under the other kind's keys
         model_outputs = [{key: value for key, value in row.items() if value is not None} for row in model_outputs]
         if "segments" not in model_outputs[0]:
             result = super().postprocess(model_outputs, decoder_kwargs, return_timestamps, return_language)
-            if flags.get(HIDDEN_TIMESTAMPS):
+            if timestamps_not_asked:
                 result.pop("chunks", None)
             return result
         (output,) = model_outputs  # long-form audio is one model input, never chunked

@@ -240,11 +240,11 @@ def bench_long_form(
         how += f", {beams} beams" if beams > 1 else ""
         benchmark = f"long-form, {len(audio)} files ({audio_seconds:.0f} s), {how}"
         systems = {name: partial(_transcribe_long, asr, batch=batch, beams=beams) for name, asr in pipelines.items()}
-        if beams > 1:
+        if beams > 1:  # each WhisperMoE also with its LoopStop off (the dense Whisper has none)
             for name, asr in pipelines.items():
-                systems[f"{name}, loop_stop off"] = partial(
-                    _transcribe_long, asr, batch=batch, beams=beams, loops=True
-                )
+                if asr.model.config.model_type == WhisperMoEConfig.model_type:
+                    off = partial(_transcribe_long, asr, batch=batch, beams=beams, loops=True)
+                    systems[f"{name}, loop_stop off"] = off
         if ct2:
             systems["faster-whisper"] = _faster_whisper_long(ct2, batch, beams)
         group = []
@@ -280,7 +280,7 @@ def _transcribe_long(asr, audio: list[np.ndarray], batch: int = 1, beams: int = 
     `loops`: with WhisperMoE's `LoopStop` switched off (`generation_config.loop_stop`)."""
     inputs = [{"raw": clip, "sampling_rate": SAMPLING_RATE} for clip in audio]
     config = asr.model.generation_config
-    config.loop_stop = not loops
+    previous, config.loop_stop = getattr(config, "loop_stop", True), not loops
     try:
         if batch == 1:
             options = {"num_beams": beams, **LONG_FORM_DEFAULTS}
@@ -288,7 +288,7 @@ def _transcribe_long(asr, audio: list[np.ndarray], batch: int = 1, beams: int = 
         else:
             outputs = asr(inputs, batch_size=batch, chunk_length_s=30, generate_kwargs={"num_beams": beams})
     finally:
-        config.loop_stop = True
+        config.loop_stop = previous
     return [output["text"] for output in outputs]
 
 

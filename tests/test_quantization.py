@@ -56,18 +56,17 @@ def test_each_row_gets_its_own_activation_scale():
     layer = Int8Linear.from_float(linear)
     quiet = torch.randn(1, 64)
     loud = 1000 * torch.randn(1, 64)
-    with torch.no_grad():
-        alone = relative_error(layer(quiet), linear(quiet))
-        batched = relative_error(layer(torch.cat([quiet, loud]))[:1], linear(quiet))
-        loud_error = relative_error(layer(torch.cat([quiet, loud]))[1:], linear(loud))
+    alone = relative_error(layer(quiet), linear(quiet))
+    batched = relative_error(layer(torch.cat([quiet, loud]))[:1], linear(quiet))
+    loud_error = relative_error(layer(torch.cat([quiet, loud]))[1:], linear(loud))
     assert alone < 0.05 and batched < 2 * alone + 0.01 and loud_error < 0.05
     many = torch.randn(3, ROW_CHUNK // 2 + 3, 64) * torch.logspace(-3, 3, 3)[:, None, None]  # chunks of rows
-    with torch.no_grad():
-        output = layer(many)
+    output = layer(many)
     assert output.shape == (3, ROW_CHUNK // 2 + 3, 32)
     assert max(relative_error(output[i], linear(many[i])) for i in range(3)) < 0.05
 
 
+@torch.no_grad()
 def test_per_channel_quantization_round_trips_within_half_a_step():
     weight = torch.randn(3, 7, 5) * torch.logspace(-3, 1, 7)[:, None]  # channels of very different ranges
     int8, scale = quantize_per_channel(weight)
